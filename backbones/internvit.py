@@ -1,0 +1,459 @@
+"""InternViT: the vision transformer of InternVL (6B and 300M), one implementation for every package.
+
+Parameter names follow the Hugging Face ``InternVisionModel`` layout exactly (``embeddings.*``,
+``encoder.layers.{i}.*``), so that layout is this model's own state dict and every other layout converts to it
+(see ``backbones/weights.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+
+
+@dataclass(frozen=True)
+class InternViTArch:
+    """Shape-defining hyperparameters of an InternViT (everything a checkpoint must agree with)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int = 14
+    img_size: int = 224  # the grid the stored position embedding is for
+    in_chans: int = 3
+    qkv_bias: bool = False
+    norm_type: str = 'rms_norm'  # 'rms_norm' | 'layer_norm'
+    norm_eps: float = 1e-6
+    qk_norm: bool = True  # RMSNorm over the full width of q and k, before splitting heads
+    layer_scale_init: float = 0.1
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}')
+        if self.norm_type not in ('rms_norm', 'layer_norm'):
+            raise ValueError(f"norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f'img_size {self.img_size} is not a multiple of patch_size {self.patch_size}')
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+PRESETS: dict[str, InternViTArch] = {
+    'internvit_6b_224': InternViTArch(embed_dim=3200, depth=48, num_heads=25, mlp_dim=12800, img_size=224),
+    # V1-2 / V1-5 448px: the same network with the last three blocks removed.
+    'internvit_6b_448': InternViTArch(embed_dim=3200, depth=45, num_heads=25, mlp_dim=12800, img_size=448),
+    'internvit_300m_448': InternViTArch(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, img_size=448,
+                                        qkv_bias=True, norm_type='layer_norm', qk_norm=False),
+    # Small sizes for tests and the CPU quick start.
+    'internvit_tiny': InternViTArch(embed_dim=64, depth=4, num_heads=4, mlp_dim=256, img_size=56),
+    'internvit_tiny_ln': InternViTArch(embed_dim=64, depth=4, num_heads=4, mlp_dim=256, img_size=56,
+                                       qkv_bias=True, norm_type='layer_norm', qk_norm=False),
+}
+
+ATTN_IMPLS = ('sdpa', 'eager', 'flash_attn')
+
+
+def resolve_arch(preset: str | InternViTArch | None = None, **overrides) -> InternViTArch:
+    """A preset by name (or an arch) with any field overridden; no preset means every shape field is given."""
+    if isinstance(preset, InternViTArch):
+        base = preset
+    elif preset is None:
+        return InternViTArch(**overrides)
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise KeyError(f'unknown InternViT preset {preset!r}; known presets: {", ".join(PRESETS)}')
+    return replace(base, **overrides) if overrides else base
+
+
+def vit_forward_flops(arch: InternViTArch, height: int, width: int, depth: int | None = None) -> float:
+    """FLOPs of one image's forward pass: layers x (2N(4C^2 + 2C*MLP) + 4N^2 C), N tokens with cls."""
+    n = 1 + (height // arch.patch_size) * (width // arch.patch_size)
+    c, m = arch.embed_dim, arch.mlp_dim
+    layers = arch.depth if depth is None else depth
+    return float(layers * (2 * n * (4 * c * c + 2 * c * m) + 4 * n * n * c))
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid_hw: Sequence[int]) -> torch.Tensor:
+    """Resize ``[1, 1+S*S, C]`` position embeddings to a ``(h, w)`` grid; the cls entry is kept as it is.
+
+    Bicubic, align_corners=False, computed in float32 (what the published model does at every forward).
+    The same grid returns the input unchanged (bicubic at scale 1 is the identity).
+    """
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    n, c = patch_pos.shape[1], patch_pos.shape[2]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f'position embedding has {n} patch entries, which is not a square grid')
+    if (side, side) == (h, w):
+        return pos_embed
+    grid = patch_pos.float().reshape(1, side, side, c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)
+    patch_pos = grid.reshape(1, c, h * w).permute(0, 2, 1).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight only; statistics in float32 as in the published model."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+NORM_TYPES = {'rms_norm': RMSNorm, 'layer_norm': nn.LayerNorm}
+
+
+def build_norm(arch: InternViTArch, dim: int) -> nn.Module:
+    return NORM_TYPES[arch.norm_type](dim, eps=arch.norm_eps)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, prob: float = 0.0):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f'prob={self.prob}'
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: InternViTArch):
+        super().__init__()
+        self.patch_size = arch.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, arch.embed_dim))
+        self.patch_embedding = nn.Conv2d(arch.in_chans, arch.embed_dim, arch.patch_size, arch.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(1, 1 + arch.grid_size ** 2, arch.embed_dim))
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def position_embedding_for(self, grid_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Position embeddings for a grid, cached per grid while they cannot change under us.
+
+        The cache key holds the parameter's version counter, so an optimizer step (in place) invalidates it;
+        nothing is cached while the embedding is being trained (its graph must be rebuilt each step).
+        """
+        pos = self.position_embedding
+        trainable = pos.requires_grad and torch.is_grad_enabled()
+        if trainable or torch.compiler.is_compiling() or pos.is_meta:
+            return resample_pos_embed(pos, grid_hw).to(dtype)
+        key = (grid_hw, dtype, pos.device, pos.data_ptr(), pos._version)
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            if len(self._pos_cache) > 16:
+                self._pos_cache.clear()
+            cached = self._pos_cache[key] = resample_pos_embed(pos.detach(), grid_hw).to(dtype)
+        return cached
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = pixel_values.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f'InternViT needs input height and width that are multiples of the patch size {p}; '
+                             f'got {height}x{width}. Resize or pad the image, e.g. to '
+                             f'{math.ceil(height / p) * p}x{math.ceil(width / p) * p}.')
+        x = self.patch_embedding(pixel_values)  # [B, C, h, w]
+        grid_hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        return x + self.position_embedding_for(grid_hw, x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: InternViTArch, attn_impl: str = 'sdpa'):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+        dim = arch.embed_dim
+        self.num_heads = arch.num_heads
+        self.head_dim = dim // arch.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(dim, 3 * dim, bias=arch.qkv_bias)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(dim, eps=arch.norm_eps)
+            self.k_norm = RMSNorm(dim, eps=arch.norm_eps)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each [B, N, C]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        heads = (b, n, self.num_heads, self.head_dim)
+        if self.attn_impl == 'flash_attn':
+            from flash_attn import flash_attn_func  # optional dependency, GPU only
+            out = flash_attn_func(q.view(heads), k.view(heads), v.view(heads), softmax_scale=self.scale)
+            return self.proj(out.reshape(b, n, c))
+        q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+        if self.attn_impl == 'sdpa':
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:  # eager: the reference the benchmarks compare against
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: InternViTArch):
+        super().__init__()
+        self.fc1 = nn.Linear(arch.embed_dim, arch.mlp_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(arch.mlp_dim, arch.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, arch: InternViTArch, drop_path: float = 0.0, attn_impl: str = 'sdpa'):
+        super().__init__()
+        self.norm1 = build_norm(arch, arch.embed_dim)
+        self.attn = Attention(arch, attn_impl)
+        self.ls1 = nn.Parameter(torch.full((arch.embed_dim,), float(arch.layer_scale_init)))
+        self.norm2 = build_norm(arch, arch.embed_dim)
+        self.mlp = MLP(arch)
+        self.ls2 = nn.Parameter(torch.full((arch.embed_dim,), float(arch.layer_scale_init)))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)) * self.ls1)
+        return x + self.drop_path(self.mlp(self.norm2(x)) * self.ls2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch: InternViTArch, drop_path_rate: float = 0.0, attn_impl: str = 'sdpa'):
+        super().__init__()
+        # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
+        rates = torch.linspace(0, drop_path_rate, arch.depth, device='cpu').tolist()
+        self.layers = nn.ModuleList(Block(arch, rate, attn_impl) for rate in rates)
+
+
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace('torch.', '')
+    aliases = {'bf16': 'bfloat16', 'fp16': 'float16', 'half': 'float16', 'fp32': 'float32', 'float': 'float32'}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f'unknown dtype {dtype!r}; use bfloat16, float16 or float32')
+    return resolved
+
+
+class InternViT(BaseModule):
+    """InternViT backbone.
+
+    Args:
+        preset: a name from ``PRESETS`` (``internvit_6b_224``, ``internvit_6b_448``, ``internvit_300m_448``, ...)
+            or None to give every shape field (``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``) yourself.
+        arch_overrides: any ``InternViTArch`` field, e.g. ``depth=45`` or ``img_size=448``.
+        pretrained: a checkpoint path in any layout ``backbones.weights`` reads; loaded at construction
+            (except on the meta device). A file that loads nothing into the model is an error.
+        out_indices: layers whose outputs ``forward`` returns (negative counts from the end); None returns
+            ``forward_features`` (the final tokens).
+        output_format: ``'nchw'`` (feature maps, for dense heads) or ``'tokens'``.
+        with_cls: for ``'tokens'``, keep the cls token; for ``'nchw'``, return ``(map, cls)`` pairs.
+        frozen: no gradients, eval mode even under ``train()``, forward under ``no_grad``.
+        dtype: run the backbone in this dtype (e.g. ``'bfloat16'``); outputs come back in the input's dtype so
+            the caller's heads stay in fp32.
+        attn_impl: ``'sdpa'`` (default), ``'eager'`` or ``'flash_attn'`` (optional package, GPU).
+        grad_checkpointing: recompute each block in backward (activation checkpointing).
+    """
+
+    def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | None = None,
+                 out_indices: Iterable[int] | None = None, output_format: str = 'nchw', with_cls: bool = False,
+                 frozen: bool = False, dtype: str | torch.dtype | None = None, attn_impl: str = 'sdpa',
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, init_cfg=None,
+                 **arch_overrides):
+        super().__init__(init_cfg=init_cfg)
+        self.arch = resolve_arch(preset, **arch_overrides)
+        if output_format not in ('nchw', 'tokens'):
+            raise ValueError(f"output_format must be 'nchw' or 'tokens', got {output_format!r}")
+        self.out_indices = None if out_indices is None else self._normalize_indices(out_indices)
+        self.output_format = output_format
+        self.with_cls = with_cls
+        self.frozen = frozen
+        self.compute_dtype = _as_dtype(dtype)
+        self.grad_checkpointing = grad_checkpointing
+        self.drop_path_rate = drop_path_rate
+        self.pretrained = pretrained
+
+        self.embeddings = Embeddings(self.arch)
+        self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
+        self._init_parameters()
+
+        if pretrained is not None:
+            if self.embeddings.position_embedding.is_meta:
+                print_log(f'InternViT built on the meta device: {pretrained} is not loaded', logger='current')
+            else:
+                self.load_pretrained(pretrained)
+        self._apply_dtype_and_freeze()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def depth(self) -> int:
+        return len(self.encoder.layers)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.arch.embed_dim
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    def _normalize_indices(self, indices: Iterable[int]) -> list[int]:
+        out = []
+        for i in indices:
+            j = i + self.arch.depth if i < 0 else i
+            if not 0 <= j < self.arch.depth:
+                raise IndexError(f'layer index {i} is out of range for a {self.arch.depth}-layer InternViT')
+            out.append(j)
+        return out
+
+    def _init_parameters(self):
+        if self.embeddings.position_embedding.is_meta:
+            return
+        nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
+        nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
+        for module in self.encoder.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def _apply_dtype_and_freeze(self):
+        if self.compute_dtype is not None:
+            self.to(self.compute_dtype)
+        if self.frozen:
+            self.requires_grad_(False)
+            self.train(False)
+
+    def init_weights(self):
+        # Weights (pretrained or random) are set at construction; MMEngine's runner must not redo them.
+        self._is_init = True
+
+    def train(self, mode: bool = True):
+        return super().train(False if self.frozen else mode)
+
+    def load_pretrained(self, path: str, strict: bool = True) -> None:
+        """Load a checkpoint in any supported layout, resampling position embeddings to this model's grid."""
+        from .weights import load_into_model, read_weights
+        weights = read_weights(path)
+        load_into_model(self, weights.state_dict, source=str(path), strict=strict)
+        print_log(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)',
+                  logger='current')
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> 'InternViT':
+        """Build the model a checkpoint describes (its HF config.json where there is one) and load its weights.
+
+        Keyword arguments go to the constructor (``frozen``, ``dtype``, ``out_indices``, ``img_size`` ...).
+        """
+        from .weights import arch_for_weights, load_into_model, read_weights
+        weights = read_weights(path)
+        arch_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in InternViTArch.__dataclass_fields__}
+        arch = arch_for_weights(weights, num_heads=arch_fields.pop('num_heads', None))
+        arch = replace(arch, **arch_fields) if arch_fields else arch
+        dtype = kwargs.pop('dtype', None)
+        frozen = kwargs.pop('frozen', False)
+        model = cls(arch, **kwargs)
+        load_into_model(model, weights.state_dict, source=str(path))
+        model.compute_dtype = _as_dtype(dtype)
+        model.frozen = frozen
+        model._apply_dtype_and_freeze()
+        return model
+
+    def arch_dict(self) -> dict:
+        return asdict(self.arch)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _context(self):
+        return torch.no_grad() if self.frozen else contextlib.nullcontext()
+
+    def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        return self.embeddings(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final token sequence ``[B, 1+N, C]``, cls first (the HF model's ``last_hidden_state``)."""
+        out_dtype = x.dtype
+        with self._context():
+            tokens = self._embed(x)
+            for block in self.encoder.layers:
+                tokens = self._run_block(block, tokens)
+        return tokens.to(out_dtype)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Iterable[int], output_format: str = 'tokens',
+                              with_cls: bool = True) -> list:
+        """Outputs of the given layers (0-based, negative from the end), in the order asked.
+
+        ``'tokens'``: ``[B, 1+N, C]`` (``[B, N, C]`` without cls). ``'nchw'``: ``[B, C, h, w]`` maps, or
+        ``(map, cls [B, C])`` pairs with ``with_cls``. Blocks after the deepest requested layer are not run.
+        """
+        if output_format not in ('nchw', 'tokens'):
+            raise ValueError(f"output_format must be 'nchw' or 'tokens', got {output_format!r}")
+        wanted = self._normalize_indices(indices)
+        out_dtype = x.dtype
+        grid_hw = (x.shape[-2] // self.arch.patch_size, x.shape[-1] // self.arch.patch_size)
+        found: dict[int, torch.Tensor] = {}
+        with self._context():
+            tokens = self._embed(x)
+            for i, block in enumerate(self.encoder.layers[:max(wanted) + 1]):
+                tokens = self._run_block(block, tokens)
+                if i in wanted:
+                    found[i] = tokens
+        return [self._format(found[i].to(out_dtype), grid_hw, output_format, with_cls) for i in wanted]
+
+    @staticmethod
+    def _format(tokens: torch.Tensor, grid_hw, output_format: str, with_cls: bool):
+        if output_format == 'tokens':
+            return tokens if with_cls else tokens[:, 1:]
+        b, _, c = tokens.shape
+        fmap = tokens[:, 1:].transpose(1, 2).reshape(b, c, *grid_hw)
+        return (fmap, tokens[:, 0]) if with_cls else fmap
+
+    def forward(self, x: torch.Tensor):
+        """Backbone output for MMEngine/mmseg: a tuple over ``out_indices``, or the final tokens if None."""
+        if self.out_indices is None:
+            return self.forward_features(x)
+        return tuple(self.forward_intermediates(x, self.out_indices, self.output_format, self.with_cls))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
