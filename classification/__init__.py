@@ -1,0 +1,29 @@
+"""ImageNet linear probes on a frozen InternViT (MMEngine): model and sweep, feature cache, datasets, metrics.
+
+Importing the package registers everything in MMEngine's root registries (configs use
+``custom_imports=dict(imports=['backbones', 'classification'])``).
+"""
+import backbones  # noqa: F401  (registers InternViT; installs the mmcv shim first)
+
+from .backbone_identity import backbone_identity, weights_sha256
+from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, ImageNetFolder, ImageNetReaL,
+                       ImageNetV2Folder, ImageReadError, probe_collate, read_class_list, stratified_holdout)
+from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
+from .heads import FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
+from .hooks import FeatureCacheHook, HeadSelectionHook
+from .loops import MultiSetTestLoop, format_results_table
+from .metrics import ImageNetAccuracy, topk_hits
+from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
+                    ProbeDataPreprocessor)
+from .optim import LinearProbeOptimWrapperConstructor
+from .transforms import ProbeEvalTransform, ProbeTrainTransform
+
+__all__ = [
+    'LinearProbe', 'ProbeDataPreprocessor', 'BackboneMismatchError', 'DEFAULT_SWEEP_LRS', 'DEFAULT_SWEEP_FEATURES',
+    'FeatureSpec', 'ProbeBatchNorm', 'ProbeHead', 'summarize_tokens', 'backbone_identity', 'weights_sha256',
+    'ImageNetFolder', 'ImageNetFileList', 'ImageNetV2Folder', 'ImageNetReaL', 'HeldOutSplit', 'stratified_holdout',
+    'read_class_list', 'probe_collate', 'DatasetLayoutError', 'ImageReadError', 'CachedFeatures',
+    'StaleFeatureCacheError', 'manifest_differences', 'prepare_feature_caches', 'FeatureCacheHook',
+    'HeadSelectionHook', 'MultiSetTestLoop', 'format_results_table', 'ImageNetAccuracy', 'topk_hits',
+    'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform',
+]
