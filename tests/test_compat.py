@@ -254,6 +254,12 @@ def test_malicious_pickle_outside_work_dir_is_refused(tmp_path, restore_loaders)
         assert not marker.exists()
     assert CheckpointLoader._get_checkpoint_loader(str(evil)).__name__ == 'load_from_local'
 
+    # Downloads go through the same boundary (file:// stands in for https:// here; no network needed).
+    download = CheckpointLoader._get_checkpoint_loader('https://example.org/pretrained.pth')
+    with pytest.raises(compat.UntrustedCheckpointError, match='not a checkpoint this run wrote'):
+        download(evil.as_uri(), 'cpu', model_dir=str(tmp_path / 'hub'))
+    assert not marker.exists()
+
     # Plain tensors from anywhere still load (weights_only=True succeeds).
     torch.testing.assert_close(_load_checkpoint(str(plain), map_location='cpu')['w'], torch.ones(2))
 
