@@ -1,0 +1,461 @@
+"""Load and save InternVL-Chat checkpoints in the published directory layout, or build one from parts.
+
+A chat checkpoint directory holds::
+
+    config.json                      architectures ["InternVLChatModel"], model_type "internvl_chat",
+                                     vision_config (InternVisionConfig fields), llm_config (the LLM's HF config),
+                                     select_layer, downsample_ratio, ps_version, template, force_image_size,
+                                     dynamic_image_size, use_thumbnail, min/max_dynamic_patch, torch_dtype
+    model-0000k-of-0000n.safetensors tensors vision_model.*, mlp1.{0,1,3}.*, language_model.*
+    model.safetensors.index.json     (or a single model.safetensors below the shard size)
+    tokenizer files                  when a tokenizer is saved with the model
+
+The vision tensors are read by ``backbones.weights.read_weights`` (the one reader of InternViT layouts); the
+projector and LLM tensors by this module. Every file from outside is read as safetensors or with
+``torch.load(weights_only=True)``. Saving writes a temporary directory next to the target and renames it at the
+end, and refuses an existing target unless ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from mmengine.logging import print_log
+from torch import nn
+
+from backbones import InternViT
+from backbones.weights import arch_for_weights, hf_config_from_arch, load_into_model, read_weights
+
+from .model import ChatSettings, InternVLChatModel
+from .tokenization import IMAGE_TOKENS, bind_tokenizer, prepare_tokenizer
+
+VISION_PREFIX, PROJECTOR_PREFIX, LLM_PREFIX = 'vision_model.', 'mlp1.', 'language_model.'
+DEFAULT_SHARD_BYTES = 5 * 2 ** 30
+
+
+class ChatCheckpointError(ValueError):
+    """A chat checkpoint that cannot be read or does not fit; the message names the file or tensor."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).replace('torch.', '')
+    aliases = {'bf16': 'bfloat16', 'fp16': 'float16', 'half': 'float16', 'fp32': 'float32', 'float': 'float32'}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f'unknown dtype {value!r}; use bfloat16, float16 or float32')
+    return resolved
+
+
+def read_chat_config(path: str | os.PathLike) -> dict:
+    """config.json of a chat checkpoint directory; it must have ``vision_config`` and ``llm_config``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f'chat checkpoint directory {path} does not exist')
+    file = root / 'config.json'
+    if not file.is_file():
+        raise ChatCheckpointError(f'{root} has no config.json: not an InternVL-Chat checkpoint directory')
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ChatCheckpointError(f'cannot read {file}: {err}') from None
+    for key in ('vision_config', 'llm_config'):
+        if not isinstance(config.get(key), dict):
+            raise ChatCheckpointError(f'{file} has no {key!r} object: not an InternVL-Chat config '
+                                      f'(found keys: {", ".join(sorted(config)[:12])})')
+    return config
+
+
+def weight_map(root: Path) -> dict[str, Path]:
+    """Tensor name -> file of an HF-style directory (sharded or single, safetensors or .bin)."""
+    for index_name in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
+        index = root / index_name
+        if index.is_file():
+            try:
+                mapping = json.loads(index.read_text())['weight_map']
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ChatCheckpointError(f'cannot read {index}: not a valid index json ({err})') from None
+            files = {}
+            for key, name in mapping.items():
+                if not (root / name).is_file():
+                    raise ChatCheckpointError(f'{index} lists {name} (for {key}), which is not in {root}')
+                files[key] = root / name
+            return files
+    single = root / 'model.safetensors'
+    if single.is_file():
+        from safetensors import safe_open
+        with safe_open(str(single), framework='pt') as f:
+            return {k: single for k in f.keys()}
+    single = root / 'pytorch_model.bin'
+    if single.is_file():
+        return {k: single for k in _torch_load(single)}
+    raise ChatCheckpointError(f'{root} has no weights: expected model.safetensors.index.json, model.safetensors, '
+                              'pytorch_model.bin.index.json or pytorch_model.bin')
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types; all mean the same here
+        raise ChatCheckpointError(f'cannot read {file} with weights_only=True ({type(err).__name__}: {err})') \
+            from None
+    if not isinstance(obj, Mapping):
+        raise ChatCheckpointError(f'{file} holds a {type(obj).__name__}, not a state dict')
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_tensors(files: Mapping[str, Path], keys) -> dict[str, torch.Tensor]:
+    """The named tensors, each file opened once."""
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(files[key], []).append(key)
+    out = {}
+    for file, names in by_file.items():
+        if file.suffix == '.safetensors':
+            from safetensors import safe_open
+            try:
+                with safe_open(str(file), framework='pt') as f:
+                    out.update({k: f.get_tensor(k) for k in names})
+            except Exception as err:  # noqa: BLE001 - safetensors has its own error types
+                raise ChatCheckpointError(f'cannot read {file}: corrupt or not safetensors ({err})') from None
+        else:
+            tensors = _torch_load(file)
+            out.update({k: tensors[k] for k in names})
+    return out
+
+
+def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items()}
+
+
+def build_llm_config(llm_config, source: str = 'llm_config'):
+    """A transformers config object from an ``llm_config`` dict (or the object itself)."""
+    from transformers import AutoConfig, PretrainedConfig
+    if isinstance(llm_config, PretrainedConfig):
+        return llm_config
+    fields = {k: v for k, v in llm_config.items() if k not in ('attn_implementation', '_attn_implementation')}
+    model_type = fields.pop('model_type', None)
+    if model_type is None:
+        raise ChatCheckpointError(f'{source} has no model_type')
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise ChatCheckpointError(
+            f'{source}: model_type {model_type!r} is not an architecture of the installed transformers '
+            f'(models that need their own remote code are not run by this loader): {str(err)[:200]}') from None
+
+
+def build_language_model(llm_config, state_dict: Mapping[str, torch.Tensor] | None = None, *,
+                         dtype: torch.dtype | None = None, attn_implementation: str = 'sdpa',
+                         source: str = 'llm_config') -> nn.Module:
+    """A transformers causal LM from a config (dict or ``PretrainedConfig``), with ``state_dict`` when given.
+
+    Missing, unexpected or mis-shaped tensors are errors naming them. Weights are loaded the way transformers
+    loads a checkpoint (meta-device construction, no random init of what the state dict holds).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    config = build_llm_config(llm_config, source)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ChatCheckpointError(f'{source}: {type(config).__name__} has no causal-LM class in transformers')
+    if state_dict is None:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=dict(state_dict), dtype=dtype,
+                                          attn_implementation=attn_implementation, output_loading_info=True)
+    except RuntimeError as err:
+        raise ChatCheckpointError(f'{source}: language-model tensors do not fit {cls.__name__}: {err}') from None
+    problems = []
+    for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys'):
+        names = sorted(map(str, info.get(kind) or ()))
+        if names:
+            problems.append(f'{kind.replace("_", " ")}: {", ".join(names[:5])}'
+                            + (f' and {len(names) - 5} more' if len(names) > 5 else ''))
+    if problems:
+        raise ChatCheckpointError(f'{source}: the language-model tensors do not match {cls.__name__} '
+                                  f'({"; ".join(problems)})')
+    return model
+
+
+def _build_vision(weights, source: str, dtype: torch.dtype | None) -> InternViT:
+    """An InternViT shaped by the checkpoint, its parameters allocated without a random init, then loaded."""
+    arch = arch_for_weights(weights)
+    with torch.device('meta'):
+        vision = InternViT(arch)
+    if dtype is not None:
+        vision.to(dtype)
+    vision.to_empty(device='cpu')
+    # Strict: every parameter is overwritten (to_empty leaves memory uninitialised).
+    load_into_model(vision, weights.state_dict, source=source, strict=True)
+    return vision
+
+
+def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation: str = 'sdpa',
+                    strict: bool = True) -> InternVLChatModel:
+    """An ``InternVLChatModel`` from a chat checkpoint directory (published layout), in eval mode.
+
+    ``dtype``: cast everything to it; None keeps config.json's ``torch_dtype`` (else float32). Tensors outside
+    ``vision_model.``/``mlp1.``/``language_model.`` are an error (``strict=False``: logged and ignored).
+    """
+    root = Path(path)
+    config = read_chat_config(root)
+    settings = ChatSettings.from_config(config)
+    dtype = _dtype(dtype) or _dtype(config.get('torch_dtype')) or torch.float32
+    files = weight_map(root)
+    groups = {p: [k for k in files if k.startswith(p)] for p in (VISION_PREFIX, PROJECTOR_PREFIX, LLM_PREFIX)}
+    other = [k for k in files if not any(k.startswith(p) for p in groups)]
+    if other:
+        message = f'{root}: {len(other)} tensors outside vision_model./mlp1./language_model.: {", ".join(other[:5])}'
+        if strict:
+            raise ChatCheckpointError(message + ' (pass strict=False to ignore them)')
+        print_log(message + ' (ignored)', logger='current', level=30)
+    for prefix, keys in groups.items():
+        if not keys:
+            raise ChatCheckpointError(f'{root} has no {prefix}* tensors: not a complete InternVL-Chat checkpoint')
+
+    vision = _build_vision(read_weights(root), str(root), dtype)
+    llm = build_language_model(config['llm_config'], _strip(read_tensors(files, groups[LLM_PREFIX]), LLM_PREFIX),
+                               dtype=dtype, attn_implementation=attn_implementation, source=f'{root} (llm_config)')
+    model = InternVLChatModel(vision, llm, settings, img_context_token_id=config.get('img_context_token_id'))
+    load_projector(model, _strip(read_tensors(files, groups[PROJECTOR_PREFIX]), PROJECTOR_PREFIX), source=str(root))
+    model.to(dtype)
+    model.eval()
+    print_log(f'loaded InternVL-Chat from {root}: vision {vision.depth} layers x {vision.embed_dim}, '
+              f'LLM {type(llm).__name__}, {model.num_image_token} tokens per {model.image_size}px tile, '
+              f'template {settings.template}, {dtype}', logger='current')
+    return model
+
+
+def load_projector(model: InternVLChatModel, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``mlp1`` tensors (names without the ``mlp1.`` prefix) into the model; shapes are checked."""
+    expected = model.mlp1.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f'mlp1.{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ChatCheckpointError(
+            f'{source}: the projector does not fit (LayerNorm(4C) -> Linear(4C, H) -> GELU -> Linear(H, H) with '
+            f'C={model.vision_model.embed_dim}, H={model.language_model.config.hidden_size}): '
+            + '; '.join(filter(None, [missing and f'missing mlp1.{", mlp1.".join(missing)}',
+                                      unexpected and f'unexpected mlp1.{", mlp1.".join(unexpected)}',
+                                      '; '.join(mismatched)])))
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state_dict[k])
+
+
+def load_tokenizer(path: str | os.PathLike, model: InternVLChatModel | None = None):
+    """The tokenizer saved with a chat checkpoint (or an LLM directory); with ``model``, bound to it."""
+    from transformers import AutoTokenizer
+    # The LLM's config tells transformers which tokenizer family this is; the chat config.json would not.
+    if model is not None:
+        llm_config = model.language_model.config
+    else:
+        try:
+            llm_config = build_llm_config(read_chat_config(path)['llm_config'], str(path))
+        except (ChatCheckpointError, FileNotFoundError):
+            llm_config = None  # an LLM directory: its own config.json serves
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **({'config': llm_config} if llm_config else {}))
+    missing = [t for t in IMAGE_TOKENS if t not in tokenizer.get_vocab()]
+    if missing and model is not None:
+        raise ChatCheckpointError(f'the tokenizer in {path} lacks {", ".join(missing)}: it is not the tokenizer '
+                                  'of a chat checkpoint (use prepare_tokenizer for a fresh LLM tokenizer)')
+    if model is not None:
+        bind_tokenizer(model, tokenizer)
+    return tokenizer
+
+
+def build_from_parts(backbone: str | os.PathLike | InternViT, llm: str | os.PathLike | nn.Module, tokenizer=None,
+                     *, settings: ChatSettings | None = None, projector: str | os.PathLike | None = None,
+                     dtype=None, attn_implementation: str = 'sdpa') -> tuple[InternVLChatModel, object]:
+    """A chat model from a backbone, an LLM and a fresh (or given) projector; returns ``(model, tokenizer)``.
+
+    ``backbone``: an ``InternViT`` or any checkpoint ``InternViT.from_pretrained`` reads (an HF directory written
+    by ``tools/export_to_chat.py``, an original ``.pth``, an MMEngine checkpoint, a chat directory).
+    ``llm``: a transformers causal LM or its directory; ``tokenizer`` defaults to the one in that directory.
+    ``projector``: a chat checkpoint directory to take ``mlp1`` from (e.g. after projector pre-training).
+    The tokenizer gets the image tokens (and the template's special tokens) and the LLM embeddings grow to match.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    settings = settings or ChatSettings()
+    dtype = _dtype(dtype)
+    vision = backbone if isinstance(backbone, InternViT) else InternViT.from_pretrained(str(backbone))
+    if vision.frozen:
+        raise ValueError('the backbone was built with frozen=True; build it unfrozen and use '
+                         'model.set_trainable(backbone=False) to freeze it in the chat model')
+    if isinstance(llm, nn.Module):
+        language_model = llm
+    else:
+        language_model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype or torch.float32,
+                                                              attn_implementation=attn_implementation)
+    if tokenizer is None:
+        if isinstance(llm, nn.Module):
+            raise ValueError('pass the tokenizer when the LLM is given as a model')
+        tokenizer = AutoTokenizer.from_pretrained(str(llm))
+    model = InternVLChatModel(vision, language_model, settings)
+    added = prepare_tokenizer(tokenizer, settings.template, model)
+    if added:
+        print_log(f'added tokens {", ".join(added)} to the tokenizer ({len(tokenizer)} tokens)', logger='current')
+    if projector is not None:
+        root = Path(projector)
+        files = weight_map(root)
+        keys = [k for k in files if k.startswith(PROJECTOR_PREFIX)]
+        if not keys:
+            raise ChatCheckpointError(f'{root} has no {PROJECTOR_PREFIX}* tensors to take the projector from')
+        load_projector(model, _strip(read_tensors(files, keys), PROJECTOR_PREFIX), source=str(root))
+    if dtype is not None:
+        model.to(dtype)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def chat_config(model: InternVLChatModel, dtype: torch.dtype) -> dict:
+    """config.json for the model in the published layout."""
+    vision = hf_config_from_arch(model.vision_model.arch)
+    vision['torch_dtype'] = str(dtype).replace('torch.', '')
+    llm = model.language_model.config.to_dict()
+    llm['architectures'] = llm.get('architectures') or [type(model.language_model).__name__]
+    config = {
+        'architectures': ['InternVLChatModel'],
+        'model_type': 'internvl_chat',
+        'vision_config': vision,
+        'llm_config': llm,
+        **model.settings.to_config(),
+        'force_image_size': model.image_size,
+        'use_backbone_lora': 0,
+        'use_llm_lora': 0,
+        'torch_dtype': str(dtype).replace('torch.', ''),
+    }
+    if model.img_context_token_id is not None:
+        config['img_context_token_id'] = int(model.img_context_token_id)
+    return config
+
+
+def _untie(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied LLM embeddings): safetensors stores each once."""
+    seen: set = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride()) if tensor.device.type != 'meta' and tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def _shard(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors, key=_natural_key):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    """Shards (and the index) into ``directory``; each file is written under a temporary name and renamed."""
+    from safetensors.torch import save_file
+    shards = _shard(tensors, max_shard_bytes)
+    names = ['model.safetensors'] if len(shards) == 1 else \
+        [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
+    written = []
+    for name, shard in zip(names, shards):
+        tmp = directory / f'.{name}.tmp'
+        save_file({k: tensors[k].contiguous() for k in shard}, str(tmp), metadata={'format': 'pt'})
+        os.replace(tmp, directory / name)
+        written.append(name)
+    index = directory / 'model.safetensors.index.json'
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        body = {'metadata': {'total_size': total},
+                'weight_map': {k: name for name, shard in zip(names, shards) for k in shard}}
+        _write_json(index, body)
+        written.append(index.name)
+    elif index.exists():
+        index.unlink()  # a stale index from an earlier, sharded save would point at the wrong files
+    return written
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + '\n')
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``out`` that replaces it only once everything is written."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to replace it')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
+                    overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    state_dict: Mapping[str, torch.Tensor] | None = None, in_place: bool = False) -> Path:
+    """Write the published layout: config.json, safetensors shards (+ index), the tokenizer if given.
+
+    ``dtype``: cast floating tensors (default: the model's dtype). ``state_dict``: tensors to write instead of
+    ``model.state_dict()`` (a gathered ZeRO-3 state dict). The directory appears complete or not at all; an
+    existing one is refused unless ``overwrite``. ``in_place`` writes into an existing directory (a Trainer
+    checkpoint folder that also holds optimizer state), each file renamed into place, config.json last.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    tensors = _untie(state_dict if state_dict is not None else model.state_dict())
+    dtype = _dtype(dtype) or model.mlp1[1].weight.dtype
+    tensors = {k: (v.detach().to('cpu', dtype) if v.is_floating_point() else v.detach().cpu())
+               for k, v in tensors.items()}
+    config = chat_config(model, dtype)
+
+    def write(directory: Path) -> None:
+        _write_weights(directory, tensors, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        _write_json(directory / 'config.json', config)
+
+    if in_place:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob('model-*-of-*.safetensors'):
+            stale.unlink()
+        write(out)
+    else:
+        with _atomic_dir(out, overwrite) as tmp:
+            write(tmp)
+    print_log(f'wrote InternVL-Chat checkpoint {out} ({len(tensors)} tensors, {config["torch_dtype"]})',
+              logger='current')
+    return out
