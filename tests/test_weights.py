@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from backbones.internvit import PRESETS, InternViT
-from backbones.weights import (LAYOUTS, WeightsError, arch_for_weights, from_canonical, hf_config_from_arch,
+from backbones.internvit import InternViT
+from backbones.weights import (WeightsError, arch_for_weights, from_canonical, hf_config_from_arch,
                                load_into_model, read_weights, to_canonical, write_hf, write_hf_native,
                                write_into_chat)
 
