@@ -1,0 +1,25 @@
+"""Semantic segmentation with InternViT on MMSegmentation 1.x / MMEngine.
+
+Importing this package registers, in mmseg's registries (and MMEngine's root registries where a runner looks
+them up without scope):
+
+- ``ViTFeaturePyramid`` (neck): four scales from one ViT grid, one per requested layer;
+- ``LinearBNHead`` (decode head): BatchNorm + 1x1 conv, the published linear probe;
+- ``InternViTLayerDecayOptimizerConstructor``: layer-wise lr decay over InternViT's parameter names;
+- ``CheckedADE20KDataset`` (with few-shot ``fraction``), ``SyntheticADE20KDataset``, ``LoadAndCheckAnnotations``;
+- ``InternViTBlockFSDP`` (model wrapper): FSDP with one shard unit per InternViT block, blocks in bf16;
+- hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``.
+"""
+import backbones  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)
+
+from .datasets import (CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticADE20KDataset,  # noqa: E402
+                       few_shot_subset)
+from .fsdp import InternViTBlockFSDP  # noqa: E402
+from .heads import LinearBNHead  # noqa: E402
+from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
+from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
+from .neck import ViTFeaturePyramid  # noqa: E402
+
+__all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
+           'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',
+           'InternViTBlockFSDP', 'SegOverlayHook', 'RankConsistencyHook']

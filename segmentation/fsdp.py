@@ -1,0 +1,78 @@
+"""FSDP for full tuning of InternViT-6B: one shard unit per transformer block, blocks in bf16, the rest in fp32.
+
+Used through MMEngine's ``FlexibleRunner`` + ``FSDPStrategy``::
+
+    strategy = dict(type='FSDPStrategy',
+                    model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bfloat16'))
+
+Every ``backbones.internvit.Block`` becomes its own FSDP unit with bf16 compute (fp32 master weights, fp32 gradient
+reduction); embeddings, neck and heads stay in the fp32 root unit, where ``AmpOptimWrapper`` autocasts them.
+Activation checkpointing is the backbone's own ``grad_checkpointing=True`` (each block is recomputed in backward).
+``use_orig_params=True`` keeps the parameter names the layer-decay constructor reads. Without a GPU the wrapper
+runs on the CPU (gloo), which is what the tests use.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from mmengine.model.wrappers import MMFullyShardedDataParallel
+from torch import nn
+from torch.distributed.fsdp import (BackwardPrefetch, FullyShardedDataParallel, MixedPrecision,
+                                    ShardingStrategy)
+from torch.distributed.fsdp.wrap import CustomPolicy
+
+from backbones.internvit import Block
+
+from ._registry import register_everywhere
+
+
+def _dtype(name):
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f'unknown dtype {name!r}; use bfloat16, float16 or float32')
+    return value
+
+
+def block_wrap_policy(block_param_dtype=torch.bfloat16) -> CustomPolicy:
+    """Wrap every InternViT ``Block`` as its own FSDP unit, with mixed precision for the blocks only."""
+    overrides = {}
+    if block_param_dtype is not None and block_param_dtype != torch.float32:
+        overrides['mixed_precision'] = MixedPrecision(param_dtype=block_param_dtype, reduce_dtype=torch.float32,
+                                                      buffer_dtype=torch.float32, cast_forward_inputs=True)
+    return CustomPolicy(lambda module: (overrides or True) if isinstance(module, Block) else False)
+
+
+@register_everywhere('MODEL_WRAPPERS')
+class InternViTBlockFSDP(MMFullyShardedDataParallel):
+    """``MMFullyShardedDataParallel`` with the InternViT block wrap policy (see the module docstring).
+
+    Args:
+        module: the segmentor.
+        block_param_dtype: compute dtype of the blocks (``'bfloat16'``; ``None``/``'float32'`` for fp32).
+        device_id: the GPU of this rank (MMEngine passes ``LOCAL_RANK``); without CUDA the CPU is used.
+        sharding_strategy, backward_prefetch: FSDP's, by name (``'FULL_SHARD'``, ``'BACKWARD_PRE'``).
+        **kwargs: other ``FullyShardedDataParallel`` arguments (``limit_all_gathers``, ``sync_module_states``...).
+    """
+
+    def __init__(self, module: nn.Module, block_param_dtype: Optional[str] = 'bfloat16', device_id=None,
+                 sharding_strategy: str = 'FULL_SHARD', backward_prefetch: Optional[str] = 'BACKWARD_PRE',
+                 use_orig_params: bool = True, **kwargs):
+        if 'auto_wrap_policy' in kwargs or 'mixed_precision' in kwargs:
+            raise ValueError('InternViTBlockFSDP sets auto_wrap_policy and mixed_precision itself; '
+                             'use block_param_dtype, or MMFullyShardedDataParallel for a custom policy')
+        if not use_orig_params:
+            raise ValueError('InternViTBlockFSDP needs use_orig_params=True (layer-wise lr decay reads the '
+                             'original parameter names)')
+        if not torch.cuda.is_available():
+            device_id = torch.device('cpu')
+        # MMFullyShardedDataParallel.__init__ only converts config strings and refuses policy objects, so the
+        # FSDP constructor is called directly with converted arguments.
+        FullyShardedDataParallel.__init__(
+            self, module=module,
+            sharding_strategy=ShardingStrategy[sharding_strategy],
+            backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
+            auto_wrap_policy=block_wrap_policy(_dtype(block_param_dtype)),
+            device_id=device_id, use_orig_params=True, **kwargs)

@@ -1,0 +1,134 @@
+"""What ``tools/train.py`` and ``tools/test.py`` do to a config before building a runner (any config of the project).
+
+- work dir: ``--work-dir``, else the config's ``work_dir``, else ``work_dirs/<config name>``;
+- ``--amp``: ``AmpOptimWrapper`` in bf16 where the GPU supports it (fp16 with dynamic loss scaling otherwise);
+- without CUDA (CPU runs, the tests): AMP is turned off, bf16/fp16 InternViT backbones run in fp32, distributed
+  runs use gloo and CPU model wrappers -- each change is logged;
+- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies).
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+from typing import Any, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+
+HALF_DTYPES = ('bfloat16', 'bf16', 'float16', 'fp16', 'half', 'torch.bfloat16', 'torch.float16')
+
+
+def _note(message: str) -> None:
+    print_log(message, logger='current')
+
+
+def default_work_dir(config_path: str) -> str:
+    return osp.join('work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def _is_flexible(cfg: Config) -> bool:
+    return cfg.get('runner_type') == 'FlexibleRunner'
+
+
+def _strategy_type(cfg: Config) -> Optional[str]:
+    strategy = cfg.get('strategy')
+    return strategy.get('type') if isinstance(strategy, dict) else None
+
+
+def enable_amp(cfg: Config) -> None:
+    wrapper = cfg.optim_wrapper
+    if wrapper.get('type') in ('AmpOptimWrapper', 'DeepSpeedOptimWrapper'):
+        return
+    if wrapper.get('type', 'OptimWrapper') != 'OptimWrapper':
+        raise ValueError(f"--amp replaces optim_wrapper.type 'OptimWrapper'; this config uses {wrapper['type']!r}")
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    wrapper['type'] = 'AmpOptimWrapper'
+    wrapper['dtype'] = 'bfloat16' if bf16 else 'float16'
+    wrapper.setdefault('loss_scale', 'dynamic')
+    if _strategy_type(cfg) == 'FSDPStrategy':
+        wrapper['use_fsdp'] = True
+
+
+def _half_backbones(node: Any, path: str = 'model'):
+    """Yield (path, dict) for every InternViT config dict with a half dtype."""
+    if isinstance(node, dict):
+        if node.get('type') == 'InternViT' and str(node.get('dtype')) in HALF_DTYPES:
+            yield path, node
+        for key, value in node.items():
+            yield from _half_backbones(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _half_backbones(value, f'{path}[{i}]')
+
+
+def adapt_to_cpu(cfg: Config) -> None:
+    """Make a GPU config run on the CPU: fp32 throughout, gloo, CPU model wrappers."""
+    wrapper = cfg.get('optim_wrapper')
+    if isinstance(wrapper, dict) and wrapper.get('type') == 'AmpOptimWrapper':
+        for key in ('dtype', 'loss_scale', 'use_fsdp'):
+            wrapper.pop(key, None)
+        wrapper['type'] = 'OptimWrapper'
+        _note('No CUDA: AmpOptimWrapper replaced by OptimWrapper (fp32 training on the CPU)')
+    for path, backbone in _half_backbones(cfg.get('model', {})):
+        _note(f'No CUDA: {path}.dtype {backbone["dtype"]} -> float32 (plain fp32 on the CPU)')
+        backbone['dtype'] = None
+    if cfg.get('launcher', 'none') != 'none':
+        env = cfg.setdefault('env_cfg', {})
+        env.setdefault('dist_cfg', {})['backend'] = 'gloo'
+        if _is_flexible(cfg):
+            strategy = cfg.setdefault('strategy', dict(type='DDPStrategy'))
+            if strategy.get('type', 'DDPStrategy') == 'DDPStrategy':
+                strategy.setdefault('model_wrapper', dict(type='MMDistributedDataParallel'))['device_ids'] = None
+        else:
+            model_wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+            model_wrapper.setdefault('broadcast_buffers', False)
+            model_wrapper['device_ids'] = None  # DDP on CPU tensors
+            cfg.model_wrapper_cfg = model_wrapper
+        if cfg.get('sync_bn'):
+            _note('No CUDA: sync_bn disabled (SyncBatchNorm needs GPUs)')
+            cfg.sync_bn = None
+
+
+def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None, launcher: str = 'none',
+                   amp: bool = False, resume: Optional[str] = None) -> Config:
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = default_work_dir(config_path)
+    cfg.work_dir = osp.abspath(cfg.work_dir)
+    if amp:
+        enable_amp(cfg)
+    if resume is not None:
+        cfg.resume = True
+        cfg.load_from = None if resume == 'auto' else resume
+    if not torch.cuda.is_available():
+        adapt_to_cpu(cfg)
+    return cfg
+
+
+def init_distributed_without_cuda(launcher: str) -> None:
+    """MMEngine's pytorch launcher calls ``torch.cuda.set_device``; without CUDA the gloo group is made here."""
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise RuntimeError(f'launcher {launcher!r} needs CUDA; on the CPU use --launcher pytorch (torchrun)')
+    import torch.distributed as torch_dist
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                                      world_size=int(os.environ['WORLD_SIZE']))
+
+
+def build_runner(cfg: Config):
+    if 'runner_type' in cfg:
+        from mmengine.registry import RUNNERS
+        return RUNNERS.build(cfg)
+    from mmengine.runner import Runner
+    return Runner.from_cfg(cfg)
+
+
+def trust_work_dir(cfg: Config) -> str:
+    """Full unpickling only for checkpoints inside this run's work dir (see ``backbones.compat``)."""
+    from backbones.compat import trust_checkpoints_in
+    return trust_checkpoints_in(cfg.work_dir)
