@@ -1,0 +1,61 @@
+"""Evaluate a checkpoint: prints mIoU, mAcc, aAcc and the per-class table; ``--show-dir`` writes overlay PNGs.
+
+    python tools/test.py CONFIG CHECKPOINT [--show-dir DIR] [--max-overlays N] [--work-dir DIR] [--cfg-options ...]
+    bash tools/dist_test.sh CONFIG CHECKPOINT NGPUS [...]
+
+Checkpoints inside the work dir (default ``work_dirs/<config name>``, where tools/train.py writes) load fully;
+any other file must load with ``torch.load(weights_only=True)`` (a plain state dict). To evaluate another run's
+checkpoint, pass that run's folder as ``--work-dir``.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
+
+import backbones  # noqa: E402,F401
+from mmengine.config import Config, DictAction  # noqa: E402
+
+from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
+                                  trust_work_dir)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (evaluate) a checkpoint with MMEngine')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where the logs go (default: work_dirs/<config name>)')
+    parser.add_argument('--show-dir', help='write <image name>.png overlays (ground truth | prediction) here')
+    parser.add_argument('--max-overlays', type=int, default=None, help='write at most this many overlays')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, help='override config keys')
+    parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{what} file {path} does not exist')
+    cfg = Config.fromfile(args.config)
+    cfg.merge_from_dict(args.cfg_options)
+    prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    if args.show_dir:
+        cfg.visualizer = dict(type='SegLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')],
+                              name='visualizer', save_dir=osp.join(cfg.work_dir, 'vis'))
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+            dict(type='SegOverlayHook', out_dir=osp.abspath(args.show_dir), max_images=args.max_overlays)]
+    init_distributed_without_cuda(args.launcher)
+    runner = build_runner(cfg)
+    trust_work_dir(cfg)
+    return runner.test()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,56 @@
+"""Train any config of the project with MMEngine (segmentation, classification).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [auto|CHECKPOINT]] [--amp] [--cfg-options k=v ...]
+    bash tools/dist_train.sh CONFIG NGPUS [...]          # torchrun, --launcher pytorch
+
+The runner is MMEngine's ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` with an FSDP or DeepSpeed
+``strategy`` for full tuning of InternViT-6B). Without CUDA the run is adapted to the CPU (fp32, gloo); see
+``segmentation/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``backbones.compat``).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
+
+import backbones  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT registration)
+from mmengine.config import Config, DictAction  # noqa: E402
+
+from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
+                                  trust_work_dir)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a model with MMEngine')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
+                        help="resume: from the work dir's latest checkpoint (no value or 'auto') or a given one")
+    parser.add_argument('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config keys, e.g. train_cfg.max_iters=1000 model.backbone.dtype=None')
+    parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file {args.config} does not exist')
+    cfg = Config.fromfile(args.config)
+    cfg.merge_from_dict(args.cfg_options)
+    prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher, amp=args.amp,
+                   resume=args.resume)
+    init_distributed_without_cuda(args.launcher)
+    runner = build_runner(cfg)
+    trust_work_dir(cfg)
+    runner.train()
+    return runner
+
+
+if __name__ == '__main__':
+    main()
