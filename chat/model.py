@@ -168,15 +168,20 @@ class InternVLChatModel(nn.Module):
         parts = {'vision_model': self.vision_model, 'mlp1': self.mlp1, 'language_model': self.language_model}
         return {name: sum(p.numel() for p in part.parameters() if p.requires_grad) for name, part in parts.items()}
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Activation checkpointing in the backbone blocks and the LLM layers (HF Trainer calls this)."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False):
+        """Recompute activations in backward: every backbone block, and the LLM layers as transformers does it
+        (HF Trainer's ``--activation_checkpointing`` calls this)."""
         self.vision_model.grad_checkpointing = True
-        kwargs = {'use_reentrant': False, **(gradient_checkpointing_kwargs or {})}
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        kwargs = {'use_reentrant': False, **(activation_checkpointing_kwargs or {})}
+        self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                            every_n_layers=every_n_layers, offload=offload)
 
-    def gradient_checkpointing_disable(self):
+    def activation_checkpointing_disable(self):
         self.vision_model.grad_checkpointing = False
-        self.language_model.gradient_checkpointing_disable()
+        self.language_model.activation_checkpointing_disable()
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the older transformers name
 
     # ------------------------------------------------------------------------------------------- forward
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -203,6 +203,7 @@ def parse_args(argv: Sequence[str] | None = None):
             json_args = json.loads(config_file.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise SystemExit(f'cannot read SFT config {config_file}: {err}') from None
+        json_args = {k: v for k, v in json_args.items() if not k.startswith('_')}  # '_comment' keys
     ds_config = _deepspeed_config(argv, json_args)
     if ds_config:
         if not Path(ds_config).is_file():
@@ -216,7 +217,7 @@ def parse_args(argv: Sequence[str] | None = None):
                  for f in dc.__dataclass_fields__}
         unknown = sorted(set(json_args) - known)
         if unknown:
-            raise SystemExit(f'unknown keys in the SFT config: {", ".join(unknown)}')
+            raise SystemExit(f'unknown keys in the SFT config {config_file}: {", ".join(unknown)}')
         parser.set_defaults(**json_args)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args

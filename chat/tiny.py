@@ -45,10 +45,11 @@ def build_tiny_parts(seed: int = 0, image_size: int = 56):
     from transformers import AutoModelForCausalLM
 
     from backbones import InternViT
-    torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer()
-    llm = AutoModelForCausalLM.from_config(tiny_llm_config(len(tokenizer)), attn_implementation='sdpa')
-    backbone = InternViT('internvit_tiny', img_size=image_size)
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's random state
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        llm = AutoModelForCausalLM.from_config(tiny_llm_config(len(tokenizer)), attn_implementation='sdpa')
+        backbone = InternViT('internvit_tiny', img_size=image_size)
     return backbone, llm, tokenizer
 
 
