@@ -25,8 +25,9 @@ Two problems, two small fixes; nothing else belongs in this module.
    statistics methods of ``HistoryBuffer`` are pickled through ``builtins.getattr``; allow-listing that would
    allow arbitrary code execution, so this module never adds safe globals. Instead it draws a trust boundary:
    a file whose real path lies inside the run's own work dir (a checkpoint this run wrote) is unpickled in full,
-   every other file (``load_from``, pretrained weights, downloads) loads with ``weights_only=True`` and is refused
-   with :class:`UntrustedCheckpointError` when that fails. Pretrained weights belong in safetensors or plain
+   every other file (``load_from``, pretrained weights, downloads) loads with ``weights_only=True`` (for another
+   run's MMEngine checkpoint, its message-hub objects become inert stand-ins: see
+   ``backbones.weights.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise. Pretrained weights belong in safetensors or plain
    state dicts of tensors, which load under ``weights_only=True``.
 """
 from __future__ import annotations
@@ -171,6 +172,17 @@ def _is_inside(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
+def _to_location(checkpoint: Any, map_location: Any) -> Any:
+    import torch
+    if map_location is None or map_location == 'cpu':
+        return checkpoint
+    if isinstance(checkpoint, torch.Tensor):
+        return checkpoint.to(map_location if not callable(map_location) else 'cpu')
+    if isinstance(checkpoint, dict):
+        return {k: _to_location(v, map_location) for k, v in checkpoint.items()}
+    return checkpoint
+
+
 def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
     """Install MMEngine checkpoint loaders that unpickle fully only files inside ``work_dir``.
 
@@ -179,8 +191,10 @@ def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
 
     - a local file whose real path (symlinks and ``..`` resolved) lies inside the real path of ``work_dir`` is
       loaded with ``torch.load(weights_only=False)`` -- this is how ``Runner.resume`` reads its own checkpoints;
-    - every other file, and every download, is loaded with ``weights_only=True``; if that fails,
-      :class:`UntrustedCheckpointError` names the file and says why it was refused.
+    - every other file, and every download, is loaded with ``weights_only=True``; a local MMEngine checkpoint of
+      another run loads with its message-hub objects replaced by inert stand-ins (so ``load_from`` and
+      ``tools/test.py`` accept any run's checkpoint); anything else non-tensor raises
+      :class:`UntrustedCheckpointError`, which names the file and says why it was refused.
 
     Call it once per run, before ``runner.train()`` / ``runner.test()``, with the directory the CheckpointHook
     writes to (``cfg.work_dir`` unless ``out_dir`` is set). A later call replaces the trusted dir;
@@ -202,7 +216,14 @@ def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
         try:
             return torch.load(filename, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            raise _refusal(filename, trusted, err) from err
+            # Another run's MMEngine checkpoint (load_from, tools/test.py): its tensors and plain metadata load,
+            # its message-hub objects become inert stand-ins; anything else stays refused.
+            from .weights import WeightsError, safe_torch_load
+            try:
+                checkpoint = safe_torch_load(filename)
+            except WeightsError:
+                raise _refusal(filename, trusted, err) from err
+            return _to_location(checkpoint, map_location)
 
     def load_from_http(filename: str, map_location: Any = None, model_dir: Optional[str] = None) -> Any:
         from torch.hub import load_state_dict_from_url

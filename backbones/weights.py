@@ -318,8 +318,14 @@ def _reason(err: Exception, signs: Iterable[str] = ()) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` on CPU, with errors that name the file."""
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` on CPU, with errors that name the file.
+
+    MMEngine training checkpoints also pickle their message hub and numpy scalars; those objects are replaced by
+    inert stand-ins (nothing of theirs runs), so the tensors and plain metadata of any run's checkpoint can be
+    read safely. Any other non-tensor global stays refused (``WeightsError``).
+    """
+    path = Path(path)
     is_zip = zipfile.is_zipfile(path)
     kwargs = dict(map_location='cpu', weights_only=True, mmap=is_zip)
     try:
@@ -409,7 +415,7 @@ def _read_file(path: Path) -> Weights:
     if path.suffix == '.safetensors':
         tensors = _safetensors_read(path, _backbone_keys(_safetensors_keys(path), path))
     else:
-        everything, trail = _unwrap(_torch_load(path), path)
+        everything, trail = _unwrap(safe_torch_load(path), path)
         if trail:
             print_log(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}", logger='current')
         tensors = {k: everything[k] for k in _backbone_keys(everything, path)}
@@ -438,7 +444,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         if file.is_file():
             if file.suffix == '.safetensors':
                 return {k: file for k in _safetensors_keys(file)}
-            return {k: file for k in _unwrap(_torch_load(file), file)[0]}
+            return {k: file for k in _unwrap(safe_torch_load(file), file)[0]}
     raise WeightsError(f'{directory} has no weights: expected model.safetensors, model.safetensors.index.json, '
                        'pytorch_model.bin or pytorch_model.bin.index.json')
 
@@ -452,7 +458,7 @@ def _read_files(files: Mapping[str, Path], keys: Iterable[str]) -> dict[str, tor
         if file.suffix == '.safetensors':
             out.update(_safetensors_read(file, names))
         else:
-            tensors = _unwrap(_torch_load(file), file)[0]
+            tensors = _unwrap(safe_torch_load(file), file)[0]
             out.update({k: tensors[k] for k in names})
     return out
 
@@ -922,7 +928,7 @@ def _tensor_specs(files: Mapping[str, Path], keys: Iterable[str]) -> dict[str, t
             except Exception as err:
                 raise _safetensors_error(file, err) from None
         else:
-            tensors = _unwrap(_torch_load(file), file)[0]
+            tensors = _unwrap(safe_torch_load(file), file)[0]
             specs.update({n: (tuple(tensors[n].shape), tensors[n].dtype) for n in names})
     return specs
 
@@ -1043,7 +1049,7 @@ def _rewrite_weight_file(src: Path, dst: Path, replacements: Mapping[str, torch.
         tensors.update({k: v.contiguous() for k, v in replacements.items()})
         save_file(tensors, str(dst), metadata=metadata)
     else:
-        obj = _torch_load(src)
+        obj = safe_torch_load(src)
         if not isinstance(obj, dict) or not all(k in obj for k in replacements):
             raise WeightsError(f'cannot rewrite {src}: it is not a flat state dict')
         obj = dict(obj)

@@ -217,6 +217,18 @@ def test_real_resume_needs_and_gets_the_trust_boundary(tmp_path, restore_loaders
     assert resumed.iter == 6
     assert (work_dir / 'iter_6.pth').is_file()
 
+    # Another run's checkpoint (load_from, tools/test.py): outside the trusted dir its tensors and plain metadata
+    # still load, the message hub becomes an inert stand-in.
+    elsewhere = tmp_path / 'other_run' / 'iter_4.pth'
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((work_dir / 'iter_4.pth').read_bytes())
+    checkpoint = _load_checkpoint(str(elsewhere), map_location='cpu')
+    for key, value in trained.items():
+        torch.testing.assert_close(checkpoint['state_dict'][key], value)
+    assert checkpoint['meta']['iter'] == 4
+    buffers = checkpoint['message_hub']['log_scalars'].values()
+    assert buffers and all(type(b).__module__ == 'backbones.weights' for b in buffers)  # never a HistoryBuffer
+
 
 class _Payload:
     """Unpickling this calls os.mkdir(marker): a stand-in for arbitrary code execution."""
