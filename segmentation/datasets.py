@@ -5,7 +5,7 @@ Few-shot subsets (``fraction=1/16`` ... ``1``): every training image is ranked b
 (e.g. ``ADE_train_00000001``); a subset keeps the first ``floor(n * fraction + 0.5)`` images of that ranking. The
 ranking depends only on the names and the seed -- not on file-system order, the machine or the run -- and a smaller
 fraction keeps a prefix of the same ranking, so subsets are nested (1/16 in 1/8 in ... in 1/1). On ADE20K's 20,210
-training images: 1263 / 2526 / 5052 / 10105 / 20210 images. ``python -m segmentation.few_shot`` writes the split files.
+training images: 1263 / 2526 / 5053 / 10105 / 20210 images. ``python -m segmentation.few_shot`` writes the split files.
 """
 from __future__ import annotations
 

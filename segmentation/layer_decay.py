@@ -21,14 +21,14 @@ from torch import nn
 from ._registry import register_everywhere
 
 # Wrappers that insert a path component into parameter names (FSDP units with use_orig_params, checkpoint wrapper).
-_WRAPPER_COMPONENTS = re.compile(r'(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.)')
+_WRAPPER_COMPONENTS = re.compile(r'(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.')
 _BLOCK = re.compile(r'^backbone\.encoder\.layers\.(\d+)\.')
 NO_DECAY_NAMES = ('position_embedding', 'class_embedding')
 
 
 def clean_param_name(name: str) -> str:
     """The parameter name without wrapper components, e.g. ``_fsdp_wrapped_module.`` inserted by FSDP."""
-    return _WRAPPER_COMPONENTS.sub(r'\1', name).lstrip('.')
+    return _WRAPPER_COMPONENTS.sub('', name)
 
 
 def internvit_layer_id(name: str, num_layers: int) -> int:

@@ -48,7 +48,7 @@ def main(argv=None):
     cfg.resume = False
     if args.show_dir:
         cfg.visualizer = dict(type='SegLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')],
-                              name='visualizer', save_dir=osp.join(cfg.work_dir, 'vis'))
+                              save_dir=osp.join(cfg.work_dir, 'vis'))
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='SegOverlayHook', out_dir=osp.abspath(args.show_dir), max_images=args.max_overlays)]
     init_distributed_without_cuda(args.launcher)
