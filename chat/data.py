@@ -277,7 +277,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 size = img.size
         except OSError as err:
             raise _Bad(f'cannot read image {path}: {err}') from None
-        return count_tiles(size, self.dynamic, self.tile_size, self.min_tiles, max_tiles, self.use_thumbnail)
+        return count_tiles(size, self.dynamic, self.tile_size, min(self.min_tiles, max_tiles), max_tiles,
+                           self.use_thumbnail)
 
     # ------------------------------------------------------------------------------------------- encoding
     def _segments(self, system: str | None, turns: Sequence[tuple[int, str]]) -> list[tuple[str, bool]]:
@@ -323,8 +324,8 @@ class SFTDataset(torch.utils.data.Dataset):
         tiles = []
         for path, expected in zip(ex.images, ex.tiles):
             try:
-                pixels = load_image(path, self.tile_size, self.dynamic, self.min_tiles, ex.max_tiles_per_image,
-                                    self.use_thumbnail)
+                pixels = load_image(path, self.tile_size, self.dynamic, min(self.min_tiles, ex.max_tiles_per_image),
+                                    ex.max_tiles_per_image, self.use_thumbnail)
             except OSError as err:
                 raise OSError(f'{ex.source} record {ex.index}: {err}') from None
             if pixels.shape[0] != expected:
@@ -368,8 +369,9 @@ class SFTDataset(torch.utils.data.Dataset):
             tmp.write_text(''.join(json.dumps(b.to_json(), ensure_ascii=False) + '\n' for b in self.bad_records))
             os.replace(tmp, path)
         if not self.examples:
+            first = self.bad_records[0] if self.bad_records else '-'
             raise ValueError(f'no usable SFT records in {", ".join(map(str, files))} '
-                             f'({len(self.bad_records)} bad; first: {self.bad_records[0] if self.bad_records else "-"})')
+                             f'({len(self.bad_records)} bad; first: {first})')
 
 
 def _record_id(record: Any) -> str | None:

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from mmengine.logging import print_log
 
 from .checkpoint import build_from_parts, load_chat_model, load_tokenizer, save_chat_model

@@ -60,7 +60,7 @@ def test_hermes2_prompt_and_labels_on_answers_only(images, tokenizer):
     item = ds[0]
     ctx = '<IMG_CONTEXT>' * N_TOKENS
     expected = ('<|im_start|>system\nbe brief.<|im_end|>'
-                f'<|im_start|>user\n<image>\nwhat colour?<|im_end|><|im_start|>assistant\nred.<|im_end|>'
+                '<|im_start|>user\n<image>\nwhat colour?<|im_end|><|im_start|>assistant\nred.<|im_end|>'
                 '<|im_start|>user\nsure?<|im_end|><|im_start|>assistant\nyes.<|im_end|>').replace(
                     '<image>', f'<img>{ctx}</img>')
     assert tokenizer.decode(item['input_ids']) == expected

@@ -61,6 +61,25 @@ def test_short_sft_lowers_the_loss_and_respects_freezing(parts, tmp_path):
         sft_main(sft_args(root, data, out, '--max_steps', '1'))
 
 
+def test_resume_continues_from_the_latest_checkpoint(parts, tmp_path):
+    root, _, data = parts
+    out = tmp_path / 'run'
+    args = sft_args(root, data, out, '--save_strategy', 'steps', '--save_steps', '2', '--logging_steps', '1')
+    sft_main(args + ['--max_steps', '2'])
+    saved = load_chat_model(out / 'checkpoint-2')
+    assert json.loads((out / 'checkpoint-2' / 'config.json').read_text())['architectures'] == ['InternVLChatModel']
+    metrics = sft_main(args + ['--max_steps', '4', '--resume_from_checkpoint', 'latest'])
+    state = json.loads((out / 'trainer_state.json').read_text())
+    assert state['global_step'] == 4
+    assert [e['step'] for e in state['log_history'] if 'loss' in e] == [1, 2, 3, 4]
+    assert metrics['train_loss'] > 0
+    # the resumed run started from checkpoint-2's weights: step 3 moved them, so they differ from the final ones
+    final = load_chat_model(out)
+    assert not torch.equal(saved.mlp1[1].weight, final.mlp1[1].weight)
+    with pytest.raises(FileNotFoundError, match='no checkpoint-\\* folder'):
+        sft_main(sft_args(root, data, tmp_path / 'empty', '--max_steps', '1', '--resume_from_checkpoint', 'latest'))
+
+
 def test_bad_record_flag_stops_or_skips(parts, tmp_path):
     root, _, data = parts
     bad = tmp_path / 'bad.jsonl'
