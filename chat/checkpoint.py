@@ -10,9 +10,9 @@ A chat checkpoint directory holds::
     model.safetensors.index.json     (or a single model.safetensors below the shard size)
     tokenizer files                  when a tokenizer is saved with the model
 
-The vision tensors are read by ``backbones.weights.read_weights`` (the one reader of InternViT layouts); the
-projector and LLM tensors by this module. Every file from outside is read as safetensors or with
-``torch.load(weights_only=True)``. Saving writes a temporary directory next to the target and renames it at the
+The vision tensors are read by ``backbones.weights.read_weights`` (the one reader of InternViT layouts), the
+LLM tensors by transformers' ``from_pretrained`` (``language_model.`` prefix mapped away), the projector by this
+module. Every file from outside is read as safetensors or with ``torch.load(weights_only=True)``. Saving writes a temporary directory next to the target and renames it at the
 end, and refuses an existing target unless ``overwrite=True``.
 """
 from __future__ import annotations
@@ -154,35 +154,43 @@ def build_llm_config(llm_config, source: str = 'llm_config'):
             f'(models that need their own remote code are not run by this loader): {str(err)[:200]}') from None
 
 
-def build_language_model(llm_config, state_dict: Mapping[str, torch.Tensor] | None = None, *,
-                         dtype: torch.dtype | None = None, attn_implementation: str = 'sdpa',
-                         source: str = 'llm_config') -> nn.Module:
-    """A transformers causal LM from a config (dict or ``PretrainedConfig``), with ``state_dict`` when given.
+def build_language_model(llm_config, checkpoint_dir: str | os.PathLike | None = None, *,
+                         prefix: str = LLM_PREFIX, dtype: torch.dtype | None = None,
+                         attn_implementation: str = 'sdpa', source: str = 'llm_config') -> nn.Module:
+    """A transformers causal LM from a config (dict or ``PretrainedConfig``): random, or loaded from the
+    ``prefix``-ed tensors of an HF-style checkpoint directory (a chat checkpoint holds them as
+    ``language_model.*``).
 
-    Missing, unexpected or mis-shaped tensors are errors naming them. Weights are loaded the way transformers
-    loads a checkpoint (meta-device construction, no random init of what the state dict holds).
+    Loading goes through transformers' own ``from_pretrained`` (shards read one at a time, no random init of
+    loaded weights, ZeRO-3 partitioning when DeepSpeed is set up); missing or mis-shaped tensors are errors
+    that name them.
     """
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import logging as hf_logging
     config = build_llm_config(llm_config, source)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ChatCheckpointError(f'{source}: {type(config).__name__} has no causal-LM class in transformers')
-    if state_dict is None:
+    if checkpoint_dir is None:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would list every vision/projector tensor as unexpected
     try:
-        model, info = cls.from_pretrained(None, config=config, state_dict=dict(state_dict), dtype=dtype,
-                                          attn_implementation=attn_implementation, output_loading_info=True)
-    except RuntimeError as err:
-        raise ChatCheckpointError(f'{source}: language-model tensors do not fit {cls.__name__}: {err}') from None
-    problems = []
-    for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys'):
-        names = sorted(map(str, info.get(kind) or ()))
-        if names:
-            problems.append(f'{kind.replace("_", " ")}: {", ".join(names[:5])}'
-                            + (f' and {len(names) - 5} more' if len(names) > 5 else ''))
+        model, info = cls.from_pretrained(str(checkpoint_dir), config=config, dtype=dtype,
+                                          key_mapping={'^' + re.escape(prefix): ''} if prefix else None,
+                                          attn_implementation=attn_implementation, output_loading_info=True,
+                                          ignore_mismatched_sizes=True)  # reported below, by name
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    others = (VISION_PREFIX, PROJECTOR_PREFIX) if prefix else ()
+    found = {'missing': sorted(map(str, info.get('missing_keys') or ())),
+             'unexpected': sorted(k for k in map(str, info.get('unexpected_keys') or ()) if not k.startswith(others)),
+             'mis-shaped': sorted(map(str, info.get('mismatched_keys') or ()))}
+    problems = [f'{kind} {len(names)}: {", ".join(names[:5])}' + (' ...' if len(names) > 5 else '')
+                for kind, names in found.items() if names]
     if problems:
-        raise ChatCheckpointError(f'{source}: the language-model tensors do not match {cls.__name__} '
+        raise ChatCheckpointError(f'{source}: the language-model tensors do not fit {cls.__name__} '
                                   f'({"; ".join(problems)})')
     return model
 
@@ -224,8 +232,8 @@ def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation:
             raise ChatCheckpointError(f'{root} has no {prefix}* tensors: not a complete InternVL-Chat checkpoint')
 
     vision = _build_vision(read_weights(root), str(root), dtype)
-    llm = build_language_model(config['llm_config'], _strip(read_tensors(files, groups[LLM_PREFIX]), LLM_PREFIX),
-                               dtype=dtype, attn_implementation=attn_implementation, source=f'{root} (llm_config)')
+    llm = build_language_model(config['llm_config'], root, dtype=dtype, attn_implementation=attn_implementation,
+                               source=f'{root} (llm_config)')
     model = InternVLChatModel(vision, llm, settings, img_context_token_id=config.get('img_context_token_id'))
     load_projector(model, _strip(read_tensors(files, groups[PROJECTOR_PREFIX]), PROJECTOR_PREFIX), source=str(root))
     model.to(dtype)
