@@ -14,12 +14,13 @@ from .hooks import FeatureCacheHook, HeadSelectionHook
 from .loops import MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
 from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
-                    ProbeDataPreprocessor)
+                    ProbeDataPreprocessor, probe_record)
 from .optim import LinearProbeOptimWrapperConstructor
 from .transforms import ProbeEvalTransform, ProbeTrainTransform
 
 __all__ = [
-    'LinearProbe', 'ProbeDataPreprocessor', 'BackboneMismatchError', 'DEFAULT_SWEEP_LRS', 'DEFAULT_SWEEP_FEATURES',
+    'LinearProbe', 'ProbeDataPreprocessor', 'BackboneMismatchError', 'probe_record', 'DEFAULT_SWEEP_LRS',
+    'DEFAULT_SWEEP_FEATURES',
     'FeatureSpec', 'ProbeBatchNorm', 'ProbeHead', 'summarize_tokens', 'backbone_identity', 'weights_sha256',
     'ImageNetFolder', 'ImageNetFileList', 'ImageNetV2Folder', 'ImageNetReaL', 'HeldOutSplit', 'stratified_holdout',
     'read_class_list', 'probe_collate', 'DatasetLayoutError', 'ImageReadError', 'CachedFeatures',

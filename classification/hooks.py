@@ -1,0 +1,127 @@
+"""Hooks: prepare feature caches before they are read; choose the sweep's head on held-out training data."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+
+import torch
+from mmengine.dist import all_reduce, is_main_process
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from .feature_cache import prepare_feature_caches
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+@HOOKS.register_module()
+class FeatureCacheHook(Hook):
+    """Extracts (or validates) every ``CachedFeatures`` of the train / val / test dataloaders before their loop
+    starts. Harmless when no dataset is cached, so the classification runtime always includes it."""
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        prepare_feature_caches(runner.train_dataloader.dataset, _unwrap(runner.model))
+
+    def before_val(self, runner) -> None:
+        prepare_feature_caches(runner.val_dataloader.dataset, _unwrap(runner.model))
+
+    def before_test(self, runner) -> None:
+        loader = getattr(runner.test_loop, 'dataloader', None)
+        if loader is not None:  # MultiSetTestLoop prepares its own sets
+            prepare_feature_caches(loader.dataset, _unwrap(runner.model))
+
+
+@HOOKS.register_module()
+class HeadSelectionHook(Hook):
+    """Scores every head on a held-out part of the training split and makes the best one the model's prediction
+    head. Runs after each ``interval``-th epoch and after the last, before the CheckpointHook (priority
+    VERY_LOW) saves that epoch, so each checkpoint carries its selection. Never sees an evaluation set: its
+    dataloader should be a ``HeldOutSplit(part='heldout')`` of the training data.
+
+    Args:
+        dataloader: the held-out dataloader config; None reads the config's top-level ``heldout_dataloader``
+            (so dataset configs can set it and children can override it like any other loader).
+        interval: score and select every ``interval`` epochs (and always after the last).
+
+    Writes ``heldout_selection.json`` (every head's held-out top-1 and the choice) to the work dir.
+    """
+
+    priority = 'ABOVE_NORMAL'
+
+    def __init__(self, dataloader: dict | None = None, interval: int = 1):
+        self.dataloader_cfg = dataloader
+        self.interval = interval
+        self._loader = None
+
+    def before_train(self, runner) -> None:
+        cfg = self.dataloader_cfg or runner.cfg.get('heldout_dataloader')
+        if cfg is None:
+            raise ValueError('HeadSelectionHook needs a held-out dataloader: give it `dataloader=` or set the '
+                             "config's top-level `heldout_dataloader`")
+        self._loader = runner.build_dataloader(copy.deepcopy(cfg), seed=runner.seed)
+        model = _unwrap(runner.model)
+        if len(self._loader.dataset) == 0 and len(model.heads) > 1:
+            raise ValueError('HeadSelectionHook: the held-out split is empty, but a sweep of '
+                             f'{len(model.heads)} heads needs it to choose a head; set its fraction above 0')
+
+    def after_train_epoch(self, runner) -> None:
+        if self.every_n_epochs(runner, self.interval) or self.is_last_train_epoch(runner):
+            self.select(runner)
+
+    @torch.no_grad()
+    def heldout_top1(self, model) -> torch.Tensor:
+        """Top-1 (%) of every head on the held-out loader, summed over ranks."""
+        prepare_feature_caches(self._loader.dataset, model)
+        correct = torch.zeros(len(model.heads), dtype=torch.float64)
+        seen = torch.zeros(1, dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in self._loader:
+                data = model.data_preprocessor(batch, False)
+                inputs = data['inputs']
+                summaries = model.summaries(inputs) if data['input_kind'] == 'images' else inputs
+                predictions = model.head_logits(summaries).argmax(-1)  # [H, B]
+                labels = data['data_samples']['labels']
+                correct += (predictions == labels).sum(1).double().cpu()
+                seen += labels.numel()
+        finally:
+            model.train(was_training)
+        device = next(model.heads.parameters()).device
+        totals = torch.cat([correct, seen]).to(device)
+        all_reduce(totals, 'sum')
+        totals = totals.cpu()
+        if totals[-1] == 0:
+            return torch.full((len(model.heads),), float('nan'), dtype=torch.float64)
+        return 100.0 * totals[:-1] / totals[-1]
+
+    def select(self, runner) -> None:
+        model = _unwrap(runner.model)
+        top1 = self.heldout_top1(model)
+        if torch.isnan(top1).all():
+            return  # nothing held out: the single head stays selected (checked in before_train)
+        best = int(torch.argmax(top1))  # ties go to the earlier head: deterministic on every rank
+        model.selected_head.fill_(best)
+        heads = [dict(name=h.name, feature=h.feature.name, lr=h.lr, heldout_top1=round(float(a), 4))
+                 for h, a in zip(model.heads, top1)]
+        model.selection = dict(epoch=runner.epoch + 1, selected=model.heads[best].name,
+                               heldout_size=len(self._loader.dataset), heads=heads)
+        runner.message_hub.update_scalar('heldout/top1', float(top1[best]))
+        ranking = sorted(range(len(heads)), key=lambda i: -float(top1[i]))[:5]
+        print_log(f'held-out top-1 after epoch {runner.epoch + 1}: selected {heads[best]["name"]} '
+                  f'({float(top1[best]):.2f}%); best five: '
+                  + ', '.join(f'{heads[i]["name"]} {float(top1[i]):.2f}' for i in ranking), logger='current')
+        if is_main_process():
+            path = os.path.join(runner.work_dir, 'heldout_selection.json')
+            fd, tmp = tempfile.mkstemp(dir=runner.work_dir, prefix='.heldout_selection.', suffix='.tmp')
+            with os.fdopen(fd, 'w') as f:
+                json.dump(model.selection, f, indent=1)
+            os.replace(tmp, path)

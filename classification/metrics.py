@@ -1,0 +1,76 @@
+"""ImageNet accuracy for IN-1K and its variants: top-k, restricted logits for 200-class sets, ReaL labels."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from mmengine.evaluator import BaseMetric
+from mmengine.registry import METRICS
+
+
+def topk_hits(logits: torch.Tensor, label: int | None, real_labels: Sequence[int] | None,
+              class_subset: Sequence[int] | None, topk: Sequence[int]) -> dict[int, np.ndarray] | None:
+    """Per-head hits ``{k: bool[H]}`` for one sample's ``[H, K]`` logits, or None when it has no label.
+
+    ``class_subset`` (ImageNet-A/-R): only those classes compete; the prediction is mapped back to its IN-1K
+    index. ``real_labels`` (ReaL): a hit is a top-k class inside the label set; an empty set is unlabeled.
+    """
+    if class_subset is not None:
+        subset = torch.as_tensor(class_subset, dtype=torch.long)
+        logits = logits[:, subset]
+    k_max = min(max(topk), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices  # [H, k]
+    if class_subset is not None:
+        top = subset[top]
+    if real_labels is not None:
+        if len(real_labels) == 0:
+            return None
+        targets = torch.as_tensor(list(real_labels), dtype=torch.long)
+        match = (top.unsqueeze(-1) == targets).any(-1)  # [H, k]
+    else:
+        if label is None or label < 0:
+            raise ValueError(f'sample has no label ({label}); is this a ReaL set without real=True?')
+        match = top == int(label)
+    return {k: match[:, :k].any(1).numpy() for k in topk}
+
+
+@METRICS.register_module()
+class ImageNetAccuracy(BaseMetric):
+    """Top-k accuracy (in %) of the predicted head(s).
+
+    Args:
+        topk: the k to report; ReaL reports top-1 only (its labels were made for top-1).
+        real: score against the samples' ReaL label lists; unlabeled images are left out of the mean.
+    The 200-class restriction comes from the dataset's ``class_subset`` (see ``ImageNetFolder``).
+    Several heads predicted at once give ``top1/head<i>`` entries as well.
+    """
+
+    default_prefix = None
+
+    def __init__(self, topk: Sequence[int] = (1, 5), real: bool = False, collect_device: str = 'cpu',
+                 prefix: str | None = None):
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        self.real = real
+        self.topk = (1,) if real else tuple(int(k) for k in topk)
+
+    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+        subset = (self.dataset_meta or {}).get('class_subset')
+        for sample in data_samples:
+            if self.real and sample.get('real_labels') is None:
+                raise ValueError('ImageNetAccuracy(real=True) needs ReaL labels; use the ImageNetReaL dataset')
+            hits = topk_hits(sample['logits'], sample['label'], sample['real_labels'] if self.real else None,
+                             subset, self.topk)
+            self.results.append(hits)
+
+    def compute_metrics(self, results: list) -> dict:
+        labeled = [r for r in results if r is not None]
+        metrics: dict[str, float] = dict(num_scored=float(len(labeled)))
+        if not labeled:
+            return dict(metrics, **{f'top{k}': float('nan') for k in self.topk})
+        for k in self.topk:
+            per_head = 100.0 * np.mean(np.stack([r[k] for r in labeled]), axis=0)
+            metrics[f'top{k}'] = float(per_head[0])
+            if len(per_head) > 1:
+                metrics.update({f'top{k}/head{i}': float(v) for i, v in enumerate(per_head)})
+        return metrics

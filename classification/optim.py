@@ -1,0 +1,44 @@
+"""One optimizer for all heads of a probe, one parameter group (with its own learning rate) per head."""
+from __future__ import annotations
+
+import copy
+import inspect
+
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class LinearProbeOptimWrapperConstructor:
+    """Builds ``optim_wrapper.optimizer`` over ``model.heads``: head i's BN and Linear form group i with
+    ``lr = head.lr`` (per 512 images; ``auto_scale_lr`` scales every group by the real batch / 512, and the
+    schedulers scale each group from its own initial lr). The frozen backbone is never given to the optimizer.
+
+    The learning rates belong to the model (``model.lr`` or ``model.sweep.lrs``), so ``optimizer.lr`` must not
+    be set.
+    """
+
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
+        if paramwise_cfg:
+            raise ValueError('LinearProbeOptimWrapperConstructor takes no paramwise_cfg: every head is its own '
+                             'parameter group')
+        self.optim_wrapper_cfg = copy.deepcopy(optim_wrapper_cfg)
+        self.optimizer_cfg = self.optim_wrapper_cfg.pop('optimizer')
+        if 'lr' in self.optimizer_cfg:
+            raise ValueError(f"optim_wrapper.optimizer.lr={self.optimizer_cfg['lr']} is not used by a linear probe: "
+                             f'set model.lr (one head) or model.sweep.lrs (a sweep), per 512 images')
+
+    def __call__(self, model) -> OptimWrapper:
+        model = model.module if is_model_wrapper(model) else model
+        groups = [dict(params=list(head.parameters()), lr=head.lr, head=head.name) for head in model.heads]
+        cfg = copy.deepcopy(self.optimizer_cfg)
+        with OPTIMIZERS.switch_scope_and_registry(None) as registry:
+            optimizer_cls = registry.get(cfg['type']) if isinstance(cfg['type'], str) else cfg['type']
+        first_arg = next(iter(inspect.signature(optimizer_cls).parameters))
+        cfg[first_arg] = groups
+        cfg.setdefault('lr', groups[0]['lr'])  # some optimizers require it; every group overrides it
+        optimizer = OPTIMIZERS.build(cfg)
+        wrapper_cfg = dict(self.optim_wrapper_cfg)
+        wrapper_cfg.setdefault('type', 'OptimWrapper')
+        return OPTIM_WRAPPERS.build(wrapper_cfg, default_args=dict(optimizer=optimizer))

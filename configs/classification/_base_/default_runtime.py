@@ -1,0 +1,21 @@
+# MMEngine runtime for the linear probes (root registries; no mmpretrain).
+custom_imports = dict(imports=['backbones', 'classification'], allow_failed_imports=False)
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # Probe checkpoints hold the heads and BN only (and the backbone's sha256), so keeping a few is cheap.
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_last=True),
+    sampler_seed=dict(type='DistSamplerSeedHook'))
+# FeatureCacheHook prepares any CachedFeatures dataset before its loop; HeadSelectionHook scores every head on
+# `heldout_dataloader` (part of the training split) after each epoch and selects the best for prediction.
+custom_hooks = [dict(type='FeatureCacheHook'), dict(type='HeadSelectionHook', interval=1)]
+
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='nccl'))
+log_processor = dict(by_epoch=True)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0)
