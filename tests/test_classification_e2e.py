@@ -1,0 +1,129 @@
+"""Linear probes end to end on a synthetic ImageNet with a tiny random InternViT: tools/train.py (one process and
+two gloo processes under torchrun), the one-pass sweep from the feature cache, and tools/test.py over every set."""
+import glob
+import json
+import os
+import os.path as osp
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from classification import probe_record
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIG = osp.join(REPO, 'configs', 'classification', 'internvit_tiny_linear_probe_synthetic.py')
+CACHED_SWEEP_CONFIG = osp.join(REPO, 'configs', 'classification',
+                               'internvit_tiny_linear_probe_sweep_cached_synthetic.py')
+CLASSES = 6  # chance is 16.7 %
+# No augmentation, so one process with batch 8 and two with batch 4 see the same images in the same steps.
+NO_AUGMENTATION = ['train_dataloader.dataset.dataset.pipeline.type=ProbeEvalTransform']
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    """A folder holding data/synthetic_imagenet (the configs' relative data root) and the runs' work dirs."""
+    root = tmp_path_factory.mktemp('probe')
+    make = runpy.run_path(osp.join(REPO, 'tools', 'make_synthetic_imagenet.py'))['main']
+    make([str(root / 'data' / 'synthetic_imagenet'), '--classes', str(CLASSES), '--train-per-class', '24',
+          '--val-per-class', '6', '--variant-per-class', '3', '--subset-classes', '3', '--size', '64'])
+    return root
+
+
+@pytest.fixture(autouse=True)
+def in_workspace(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(workspace / 'hash_cache'))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env(workspace):
+    return dict(os.environ, OMP_NUM_THREADS='1', INTERNVIT_CACHE_DIR=str(workspace / 'hash_cache'),
+                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+
+
+def train_in_process(config, work_dir, *options):
+    main = runpy.run_path(osp.join(REPO, 'tools', 'train.py'))['main']
+    return main([config, '--work-dir', str(work_dir), '--cfg-options', f'model.num_classes={CLASSES}',
+                 f'experiment_name={osp.basename(work_dir)}', *options])
+
+
+def heads_of(checkpoint):
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)['state_dict']
+    return {k: v for k, v in state.items() if k.startswith('heads.')}, state
+
+
+def test_published_recipe_learns_and_one_command_evaluates_every_set(workspace):
+    work_dir = workspace / 'published'
+    subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), CONFIG, '--work-dir', str(work_dir),
+                    '--cfg-options', f'model.num_classes={CLASSES}'], cwd=workspace, env=subprocess_env(workspace),
+                   check=True, capture_output=True, text=True, timeout=300)
+    checkpoint = work_dir / 'epoch_4.pth'
+    heads, state = heads_of(checkpoint)
+    assert not [k for k in state if k.startswith('backbone.')] and heads
+    assert len(probe_record(state)['backbone']['sha256']) == 64
+    assert os.path.getsize(checkpoint) < 200_000  # heads + BN (+ optimizer state), not the backbone
+    selection = json.loads((work_dir / 'heldout_selection.json').read_text())
+    assert selection['selected'] == 'cls_mean_lr0.1' and selection['heldout_size'] == 30
+
+    test_main = runpy.run_path(osp.join(REPO, 'tools', 'test.py'))['main']
+    metrics = test_main([CONFIG, str(checkpoint), '--work-dir', str(work_dir), '--cfg-options',
+                         f'model.num_classes={CLASSES}', 'experiment_name=published_test'])
+    for name in ('IN-1K', 'ReaL', 'V2', 'A', 'R', 'Sketch'):
+        assert f'{name}/top1' in metrics
+    assert metrics['IN-1K/top1'] >= 60.0, metrics  # chance: 16.7
+    assert metrics['V2/top1'] >= 50.0 and metrics['Sketch/top1'] >= 40.0, metrics
+    assert metrics['A/num_scored'] == metrics['R/num_scored'] == 9  # 3 classes x 3 images
+    assert metrics['ReaL/num_scored'] == 29  # 36 val images, every fifth unlabeled
+    log = sorted(glob.glob(str(work_dir / '*' / '*.log')))[-1]
+    text = open(log).read()
+    assert '| tiny InternViT linear probe (synthetic) | IN-1K | ReaL | V2 | A | R | Sketch |' in text
+    assert f"| top-1 | {metrics['IN-1K/top1']:.2f} | {metrics['ReaL/top1']:.2f} |" in text
+
+
+def test_two_gloo_processes_agree_with_one(workspace):
+    options = [*NO_AUGMENTATION, 'train_cfg.max_epochs=2']
+    ddp_dir, single_dir = workspace / 'ddp', workspace / 'single'
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         osp.join(REPO, 'tools', 'train.py'), CONFIG, '--launcher', 'pytorch', '--work-dir', str(ddp_dir),
+         '--cfg-options', f'model.num_classes={CLASSES}', 'train_dataloader.batch_size=4', *options],
+        cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(CONFIG, single_dir, 'train_dataloader.batch_size=8', *options)
+    ddp, _ = heads_of(ddp_dir / 'epoch_2.pth')
+    single, _ = heads_of(single_dir / 'epoch_2.pth')
+    assert ddp.keys() == single.keys()
+    moved = (single['heads.0.fc.weight'] - torch.load(single_dir / 'epoch_1.pth', weights_only=False)[
+        'state_dict']['heads.0.fc.weight']).abs().max()
+    assert moved > 1e-3  # the comparison below is between heads that trained
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert (json.loads((ddp_dir / 'heldout_selection.json').read_text())['heads'] ==
+            json.loads((single_dir / 'heldout_selection.json').read_text())['heads'])
+
+
+def test_cached_sweep_chooses_on_heldout_data_and_reuses_the_cache(workspace):
+    grid = ['model.sweep_lrs=[0.0001,0.1,3.0]', "model.sweep_features=['cls_mean','cls']", 'train_cfg.max_epochs=3']
+    runner = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep', *grid)
+    # The backbone ran once per image: 144 train (incl. 30 held out) + 36 val, for 6 heads over 3 epochs.
+    assert runner.model.backbone_images_processed == 144 + 36
+    selection = json.loads((workspace / 'sweep' / 'heldout_selection.json').read_text())
+    scores = [h['heldout_top1'] for h in selection['heads']]
+    best = scores.index(max(scores))
+    assert selection['selected'] == selection['heads'][best]['name'] and selection['heldout_size'] == 30
+    assert int(runner.model.selected_head) == best
+    _, state = heads_of(workspace / 'sweep' / 'epoch_3.pth')
+    assert int(state['selected_head']) == best
+    assert probe_record(state)['selection']['selected'] == selection['selected']
+    tiny_lr = [h['heldout_top1'] for h in selection['heads'] if h['lr'] == 0.0001]
+    assert max(tiny_lr) < max(scores) - 20  # the grid matters: a too-small lr barely learns in 3 epochs
+
+    again = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep_again', *grid)
+    assert again.model.backbone_images_processed == 0  # every feature came from the cache
+    assert json.loads((workspace / 'sweep_again' / 'heldout_selection.json').read_text())['heads'] == selection['heads']
