@@ -7,12 +7,15 @@ Used through MMEngine's ``FlexibleRunner`` + ``FSDPStrategy``::
 
 Every ``backbones.internvit.Block`` becomes its own FSDP unit with bf16 compute (fp32 master weights, fp32 gradient
 reduction); embeddings, neck and heads stay in the fp32 root unit, where ``AmpOptimWrapper`` autocasts them.
-Activation checkpointing is the backbone's own ``grad_checkpointing=True`` (each block is recomputed in backward).
+Activation checkpointing is switched on by the backbone's ``grad_checkpointing=True``; under FSDP it must run
+*inside* each unit (recomputing around an FSDP unit loses its input cast and parameter gathering), so the wrapper
+moves it there: each block becomes ``FSDP(CheckpointWrapper(Block))`` and the backbone's own checkpointing is off.
 ``use_orig_params=True`` keeps the parameter names the layer-decay constructor reads. Without a GPU the wrapper
 runs on the CPU (gloo), which is what the tests use.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -20,9 +23,13 @@ from mmengine.model.wrappers import MMFullyShardedDataParallel
 from torch import nn
 from torch.distributed.fsdp import (BackwardPrefetch, FullyShardedDataParallel, MixedPrecision,
                                     ShardingStrategy)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                         apply_activation_checkpointing,
+                                                                         checkpoint_wrapper)
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from backbones.internvit import Block
+from backbones.internvit import Block, InternViT
+from mmengine.logging import print_log
 
 from ._registry import register_everywhere
 
@@ -76,3 +83,15 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
             backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
             auto_wrap_policy=block_wrap_policy(_dtype(block_param_dtype)),
             device_id=device_id, use_orig_params=True, **kwargs)
+        self._checkpoint_inside_units()
+
+    def _checkpoint_inside_units(self) -> None:
+        backbones = [m for m in self.modules() if isinstance(m, InternViT) and m.grad_checkpointing]
+        if not backbones:
+            return
+        for backbone in backbones:
+            backbone.grad_checkpointing = False  # done by the wrappers below instead
+        apply_activation_checkpointing(
+            self, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda module: isinstance(module, Block))
+        print_log('InternViTBlockFSDP: activation checkpointing inside every block unit', logger='current')

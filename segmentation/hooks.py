@@ -61,8 +61,9 @@ class SegOverlayHook(Hook):
 class RankConsistencyHook(Hook):
     """After training, checks that every data-parallel rank holds the same weights (DDP must keep them equal).
 
-    Compares a per-tensor fingerprint (sum and sum of squares in float64) of every parameter and buffer across
-    ranks and raises ``RuntimeError`` naming the first tensor that differs. Sharded wrappers (FSDP) are skipped.
+    Compares a per-tensor fingerprint (sum and sum of squares in float64) of every parameter across ranks and raises
+    ``RuntimeError`` naming the first one that differs. Buffers are not compared: BatchNorm running statistics
+    differ between ranks unless SyncBN is used. Sharded wrappers (FSDP) are skipped.
     """
 
     def after_train(self, runner) -> None:
@@ -74,7 +75,7 @@ class RankConsistencyHook(Hook):
             return
         module = model.module if is_model_wrapper(model) else model
         names, prints = [], []
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        for name, tensor in module.named_parameters():
             values = tensor.detach().double()
             names.append(name)
             prints.append(torch.stack([values.sum(), values.pow(2).sum()]))
@@ -85,5 +86,5 @@ class RankConsistencyHook(Hook):
                 first = int((other.cpu() != local).any(dim=1).nonzero()[0])
                 raise RuntimeError(f'RankConsistencyHook: rank {dist.get_rank()} and rank {rank} hold different '
                                    f'values of {names[first]}')
-        print_log(f'RankConsistencyHook: {len(names)} tensors identical on all {dist.get_world_size()} ranks',
+        print_log(f'RankConsistencyHook: {len(names)} parameters identical on all {dist.get_world_size()} ranks',
                   logger='current')

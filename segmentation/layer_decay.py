@@ -4,9 +4,10 @@ Layer ids follow InternViT's parameter names: ``backbone.embeddings.*`` is layer
 is layer ``i + 1``, everything else (neck, heads) is layer ``num_layers + 1`` and keeps the base lr. A parameter at
 layer ``l`` gets ``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``.
 
-No weight decay for norms (``norm1``/``norm2``/``q_norm``/``k_norm`` and any norm in the heads), biases, layer scale
-(``ls1``/``ls2``) -- i.e. every parameter with at most one dimension -- and for ``position_embedding`` and
-``class_embedding``.
+No weight decay for norms (``norm1``/``norm2``/``q_norm``/``k_norm`` and every norm layer in neck and heads), biases,
+layer scale (``ls1``/``ls2``), ``position_embedding`` and ``class_embedding``. The rule reads parameter names and the
+type of the module that owns each parameter, not shapes: under FSDP (``use_orig_params``) every parameter the
+optimizer sees is a flat 1-D shard.
 """
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
+from backbones.internvit import RMSNorm
+
 from ._registry import register_everywhere
 
 # Wrappers that insert a path component into parameter names (FSDP units with use_orig_params, checkpoint wrapper).
 _WRAPPER_COMPONENTS = re.compile(r'(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.')
 _BLOCK = re.compile(r'^backbone\.encoder\.layers\.(\d+)\.')
-NO_DECAY_NAMES = ('position_embedding', 'class_embedding')
+NO_DECAY_NAMES = ('bias', 'ls1', 'ls2', 'position_embedding', 'class_embedding')
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, RMSNorm)
 
 
 def clean_param_name(name: str) -> str:
@@ -46,8 +50,18 @@ def internvit_layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1 or clean_param_name(name).split('.')[-1] in NO_DECAY_NAMES
+def is_no_decay(name: str, owner: nn.Module) -> bool:
+    return isinstance(owner, NORM_TYPES) or name.split('.')[-1] in NO_DECAY_NAMES
+
+
+def named_parameters_with_owner(module: nn.Module):
+    """(name, parameter, owning module) for every parameter once, names as ``named_parameters`` gives them."""
+    seen = set()
+    for module_name, owner in module.named_modules():
+        for name, param in owner.named_parameters(prefix=module_name, recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield name, param, owner
 
 
 @register_everywhere('OPTIM_WRAPPER_CONSTRUCTORS')
@@ -59,7 +73,8 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             off but keeps the weight-decay exemptions.
         num_layers (int, optional): backbone depth; read from ``model.backbone.depth`` when left out.
 
-    Frozen parameters (``requires_grad=False``) are left out of the optimizer. The group table is logged once.
+    Frozen parameters (``requires_grad=False``) are left out of the optimizer. The group table is logged once
+    (under FSDP its element counts are this rank's shards).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
@@ -89,11 +104,11 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         num_layers = self._num_layers(module)
         rate = float(self.paramwise_cfg['layer_decay_rate'])
         groups: dict[tuple[int, bool], dict] = {}
-        for name, param in module.named_parameters(prefix=prefix.rstrip('.')):
+        for name, param, owner in named_parameters_with_owner(module):
             if not param.requires_grad:
                 continue
             layer_id = internvit_layer_id(name, num_layers)
-            no_decay = is_no_decay(name, param)
+            no_decay = is_no_decay(name, owner)
             key = (layer_id, no_decay)
             if key not in groups:
                 scale = rate ** (num_layers + 1 - layer_id)
