@@ -208,7 +208,7 @@ def parse_args(argv: Sequence[str] | None = None):
             raise SystemExit(f'DeepSpeed config {ds_config} does not exist (see configs/chat/zero*.json)')
         if importlib.util.find_spec('deepspeed') is None:
             raise SystemExit(f'--deepspeed {ds_config} needs the deepspeed package, an optional extra for GPU '
-                             "clusters: pip install deepspeed (or the project's [deepspeed] extra)")
+                             "clusters: pip install deepspeed (part of the project's [gpu] extra)")
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     if json_args:
         known = {f for dc in (ModelArguments, DataArguments, TrainingArguments)
