@@ -258,7 +258,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(arch, rate, attn_impl) for rate in rates)
 
 
-def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name ('bfloat16', 'bf16', 'torch.float32', ...); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).replace('torch.', '')
@@ -302,7 +303,7 @@ class InternViT(BaseModule):
         self.output_format = output_format
         self.with_cls = with_cls
         self.frozen = frozen
-        self.compute_dtype = _as_dtype(dtype)
+        self.compute_dtype = as_dtype(dtype)
         self.grad_checkpointing = grad_checkpointing
         self.drop_path_rate = drop_path_rate
         self.pretrained = pretrained
@@ -388,7 +389,7 @@ class InternViT(BaseModule):
         frozen = kwargs.pop('frozen', False)
         model = cls(arch, **kwargs)
         load_into_model(model, weights.state_dict, source=str(path))
-        model.compute_dtype = _as_dtype(dtype)
+        model.compute_dtype = as_dtype(dtype)
         model.frozen = frozen
         model._apply_dtype_and_freeze()
         return model

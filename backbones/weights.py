@@ -423,7 +423,7 @@ def _read_file(path: Path) -> Weights:
     return Weights(sd, None, layout, str(path))
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
+def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> file for an HF-style directory (sharded or not, safetensors preferred)."""
     for index_name in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
         index = directory / index_name
@@ -449,7 +449,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
                        'pytorch_model.bin or pytorch_model.bin.index.json')
 
 
-def _read_files(files: Mapping[str, Path], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+def read_tensors(files: Mapping[str, Path], keys: Iterable[str]) -> dict[str, torch.Tensor]:
     by_file: dict[Path, list[str]] = {}
     for key in keys:
         by_file.setdefault(files[key], []).append(key)
@@ -512,13 +512,13 @@ def _config_from_native(native: dict) -> dict:
 
 def _read_dir(directory: Path) -> Weights:
     config = _read_config(directory)
-    files = _weight_files(directory)
+    files = weight_files(directory)
     selected = _backbone_keys(files, directory, 'vision backbone')
     shards = sorted({files[k].name for k in selected})
     if len(set(files.values())) > 1:
         print_log(f'{directory}: reading {len(selected)} vision tensors from {len(shards)} of '
                   f'{len(set(files.values()))} weight files', logger='current')
-    sd, layout = to_canonical(_read_files(files, selected))
+    sd, layout = to_canonical(read_tensors(files, selected))
     return Weights(sd, vision_config_of(config), layout, str(directory))
 
 
@@ -806,8 +806,8 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 def _as_torch_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    from .internvit import _as_dtype
-    return _as_dtype(dtype)
+    from .internvit import as_dtype
+    return as_dtype(dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -968,7 +968,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
     vision = vision_config_of(config)
     if vision is None or 'vision_config' not in (config or {}):
         raise WeightsError(f'{chat} is not an InternVL-Chat checkpoint: its config.json has no vision_config')
-    files = _weight_files(chat)
+    files = weight_files(chat)
     try:
         prefix, layout, selected, _ = _plan(files)
     except WeightsError as err:

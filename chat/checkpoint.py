@@ -31,7 +31,9 @@ from mmengine.logging import print_log
 from torch import nn
 
 from backbones import InternViT
-from backbones.weights import arch_for_weights, hf_config_from_arch, load_into_model, read_weights
+from backbones.internvit import as_dtype as _dtype
+from backbones.weights import (arch_for_weights, hf_config_from_arch, load_into_model, read_tensors, read_weights,
+                               weight_files as weight_map)
 
 from .model import ChatSettings, InternVLChatModel
 from .tokenization import IMAGE_TOKENS, bind_tokenizer, prepare_tokenizer
@@ -45,17 +47,6 @@ class ChatCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _dtype(value) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = str(value).replace('torch.', '')
-    aliases = {'bf16': 'bfloat16', 'fp16': 'float16', 'half': 'float16', 'fp32': 'float32', 'float': 'float32'}
-    resolved = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f'unknown dtype {value!r}; use bfloat16, float16 or float32')
-    return resolved
-
-
 def read_chat_config(path: str | os.PathLike) -> dict:
     """config.json of a chat checkpoint directory; it must have ``vision_config`` and ``llm_config``."""
     root = Path(path)
@@ -73,64 +64,6 @@ def read_chat_config(path: str | os.PathLike) -> dict:
             raise ChatCheckpointError(f'{file} has no {key!r} object: not an InternVL-Chat config '
                                       f'(found keys: {", ".join(sorted(config)[:12])})')
     return config
-
-
-def weight_map(root: Path) -> dict[str, Path]:
-    """Tensor name -> file of an HF-style directory (sharded or single, safetensors or .bin)."""
-    for index_name in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
-        index = root / index_name
-        if index.is_file():
-            try:
-                mapping = json.loads(index.read_text())['weight_map']
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ChatCheckpointError(f'cannot read {index}: not a valid index json ({err})') from None
-            files = {}
-            for key, name in mapping.items():
-                if not (root / name).is_file():
-                    raise ChatCheckpointError(f'{index} lists {name} (for {key}), which is not in {root}')
-                files[key] = root / name
-            return files
-    single = root / 'model.safetensors'
-    if single.is_file():
-        from safetensors import safe_open
-        with safe_open(str(single), framework='pt') as f:
-            return {k: single for k in f.keys()}
-    single = root / 'pytorch_model.bin'
-    if single.is_file():
-        return {k: single for k in _torch_load(single)}
-    raise ChatCheckpointError(f'{root} has no weights: expected model.safetensors.index.json, model.safetensors, '
-                              'pytorch_model.bin.index.json or pytorch_model.bin')
-
-
-def _torch_load(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types; all mean the same here
-        raise ChatCheckpointError(f'cannot read {file} with weights_only=True ({type(err).__name__}: {err})') \
-            from None
-    if not isinstance(obj, Mapping):
-        raise ChatCheckpointError(f'{file} holds a {type(obj).__name__}, not a state dict')
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def read_tensors(files: Mapping[str, Path], keys) -> dict[str, torch.Tensor]:
-    """The named tensors, each file opened once."""
-    by_file: dict[Path, list[str]] = {}
-    for key in keys:
-        by_file.setdefault(files[key], []).append(key)
-    out = {}
-    for file, names in by_file.items():
-        if file.suffix == '.safetensors':
-            from safetensors import safe_open
-            try:
-                with safe_open(str(file), framework='pt') as f:
-                    out.update({k: f.get_tensor(k) for k in names})
-            except Exception as err:  # noqa: BLE001 - safetensors has its own error types
-                raise ChatCheckpointError(f'cannot read {file}: corrupt or not safetensors ({err})') from None
-        else:
-            tensors = _torch_load(file)
-            out.update({k: tensors[k] for k in names})
-    return out
 
 
 def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

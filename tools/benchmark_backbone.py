@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backbones import PRESETS, InternViT, vit_forward_flops  # noqa: E402
-from backbones.internvit import ATTN_IMPLS, _as_dtype  # noqa: E402
+from backbones.internvit import ATTN_IMPLS, as_dtype  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,7 +66,7 @@ def time_model(args, attn_impl: str) -> dict:
     device = torch.device(args.device)
     model = build(args, attn_impl)
     side = args.img_size or model.arch.img_size
-    x = torch.randn(args.batch, 3, side, side, device=device, dtype=_as_dtype(args.dtype))
+    x = torch.randn(args.batch, 3, side, side, device=device, dtype=as_dtype(args.dtype))
     step_fn = torch.compile(model.forward_features) if args.compile else model.forward_features
 
     def step():

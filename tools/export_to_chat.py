@@ -31,7 +31,7 @@ if importlib.util.find_spec('backbones') is None:  # run from a checkout without
 
 import torch  # noqa: E402
 
-from backbones.internvit import InternViT, _as_dtype  # noqa: E402
+from backbones.internvit import InternViT, as_dtype  # noqa: E402
 from backbones.weights import (WeightsError, arch_for_weights, load_into_model, read_weights,  # noqa: E402
                                vision_config_of, write_hf, write_into_chat)
 
@@ -116,7 +116,7 @@ def export(args: argparse.Namespace) -> int:
         write_into_chat(weights.state_dict, args.into_chat, out, overwrite=args.overwrite, source=args.src)
     else:
         image_size = args.image_size or 448
-        dtype = _as_dtype(args.dtype or 'bfloat16')
+        dtype = as_dtype(args.dtype or 'bfloat16')
         log(f'writing HF InternVisionModel directory {out} ({image_size}px, {dtype})')
         write_hf(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite)
     log(f'done in {time.time() - start:.1f}s: {out}')
