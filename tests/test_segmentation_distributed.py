@@ -1,8 +1,9 @@
-"""Distributed training through tools/train.py with 2 gloo processes on the CPU: DDP, and FSDP (FlexibleRunner +
+"""Distributed training through tools/dist_train.sh (torchrun + tools/train.py) with 2 gloo processes on the CPU: DDP, and FSDP (FlexibleRunner +
 FSDPStrategy + InternViTBlockFSDP, bf16 blocks, activation checkpointing)."""
 import os
 import os.path as osp
 import re
+import socket
 import subprocess
 import sys
 
@@ -25,11 +26,17 @@ def data_root(tmp_path_factory):
     return make_tiny_dataset(str(tmp_path_factory.mktemp('seg_dist') / 'synth'), num_train=8, num_val=2, size=112)
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def torchrun_train(config, work_dir, data_root):
+    """tools/dist_train.sh CONFIG 2: torchrun with 2 processes, tools/train.py --launcher pytorch."""
     options = as_cli(tiny_run_options(data_root, ITERS, batch_size=2))
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           osp.join(ROOT, 'tools', 'train.py'), config, '--launcher', 'pytorch',
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', PYTHON=sys.executable, PORT=str(free_port()))
+    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2',
                            '--work-dir', work_dir, '--cfg-options', *options],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr

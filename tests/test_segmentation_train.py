@@ -16,7 +16,7 @@ import segmentation  # noqa: F401
 from mmengine.config import Config
 
 from segmentation.runtime import build_runner, prepare_config
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
+from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options, torch_threads
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TRAIN_ITERS = 30
@@ -30,6 +30,12 @@ def run_tool(name, argv):
 
 def load_checkpoint(path):
     return torch.load(path, map_location='cpu', weights_only=False)  # written by these tests
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope='module')

@@ -20,9 +20,15 @@ from segmentation.datasets import few_shot_subset
 from segmentation.few_shot import list_image_stems, write_split_files
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor, clean_param_name, internvit_layer_id
 from segmentation.neck import ViTFeaturePyramid
-from segmentation.testing import QUICKSTART_CONFIG, make_tiny_dataset
+from segmentation.testing import QUICKSTART_CONFIG, torch_threads, make_tiny_dataset
 
 init_default_scope('mmseg')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope='module')
