@@ -134,6 +134,10 @@ def test_resume_matches_an_uninterrupted_run(data_root, tmp_path):
         assert torch.allclose(state_a[name].float(), state_b[name].float(), rtol=1e-5, atol=1e-6), name
         moved += not torch.equal(state_a[name], halfway[name])
     assert moved > len(state_a) // 2  # the resumed part really trained
+    assert not [f for f in os.listdir(interrupted) if f.endswith('.partial')]  # atomic writes leave nothing behind
+    with pytest.raises(FileExistsError, match=r'already holds a run \(latest checkpoint .*iter_6\.pth\); pass '
+                                              r'--resume to continue it, --overwrite'):
+        train(interrupted, 6)
 
 
 def test_frozen_backbone_gets_no_gradients_and_stays_bit_identical(data_root, tmp_path):

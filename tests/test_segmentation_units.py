@@ -20,7 +20,7 @@ from segmentation.datasets import few_shot_subset
 from segmentation.few_shot import list_image_stems, write_split_files
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor, clean_param_name, internvit_layer_id
 from segmentation.neck import ViTFeaturePyramid
-from segmentation.testing import QUICKSTART_CONFIG, torch_threads, make_tiny_dataset
+from segmentation.testing import QUICKSTART_CONFIG, make_tiny_dataset, torch_threads
 
 init_default_scope('mmseg')
 
@@ -237,3 +237,20 @@ def test_inference_pads_odd_sizes_to_the_patch_size(mode):
         assert tuple(out.pred_sem_seg.data.shape) == (1, h, w)
         assert tuple(out.seg_logits.data.shape) == (5, h, w)
     assert torch.isfinite(outputs[0].seg_logits.data).all()
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from mmengine.fileio import get_file_backend
+    from segmentation.atomic_io import AtomicLocalBackend
+    target = tmp_path / 'iter_2.pth'
+    backend = get_file_backend(str(target))
+    assert isinstance(backend, AtomicLocalBackend)  # MMEngine's backend for local paths
+    backend.put(b'old checkpoint', str(target))
+
+    def crash(*args):
+        raise OSError('disk full')
+    monkeypatch.setattr(os, 'replace', crash)
+    with pytest.raises(OSError, match='disk full'):
+        backend.put(b'new checkpoint, cut short', str(target))
+    assert target.read_bytes() == b'old checkpoint'  # the previous file is intact
+    assert os.listdir(tmp_path) == ['iter_2.pth']  # and no partial file is left

@@ -1,11 +1,13 @@
 """Train any config of the project with MMEngine (segmentation, classification).
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [auto|CHECKPOINT]] [--amp] [--cfg-options k=v ...]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [auto|CHECKPOINT]] [--overwrite] [--amp]
+                             [--cfg-options k=v ...] [--launcher none|pytorch]
     bash tools/dist_train.sh CONFIG NGPUS [...]          # torchrun, --launcher pytorch
 
 The runner is MMEngine's ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` with an FSDP or DeepSpeed
 ``strategy`` for full tuning of InternViT-6B). Without CUDA the run is adapted to the CPU (fp32, gloo); see
-``segmentation/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``backbones.compat``).
+``segmentation/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``backbones.compat``). A work
+dir that already holds a run is only reused with ``--resume`` or ``--overwrite``; checkpoints are written atomically.
 """
 import argparse
 import os
@@ -27,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
                         help="resume: from the work dir's latest checkpoint (no value or 'auto') or a given one")
+    parser.add_argument('--overwrite', action='store_true',
+                        help='start a new run in a work dir that already holds one (its checkpoints are replaced)')
     parser.add_argument('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config keys, e.g. train_cfg.max_iters=1000 model.backbone.dtype=None')
@@ -37,6 +41,16 @@ def parse_args(argv=None):
     return args
 
 
+def refuse_to_overwrite(cfg, overwrite: bool) -> None:
+    pointer = osp.join(cfg.work_dir, 'last_checkpoint')
+    if cfg.get('resume') or overwrite or not osp.isfile(pointer):
+        return
+    with open(pointer) as f:
+        latest = f.read().strip()
+    raise FileExistsError(f'work dir {cfg.work_dir} already holds a run (latest checkpoint {latest}); pass --resume '
+                          f'to continue it, --overwrite to start a new run there, or another --work-dir')
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not osp.isfile(args.config):
@@ -45,6 +59,7 @@ def main(argv=None):
     cfg.merge_from_dict(args.cfg_options)
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher, amp=args.amp,
                    resume=args.resume)
+    refuse_to_overwrite(cfg, args.overwrite)
     init_distributed_without_cuda(args.launcher)
     runner = build_runner(cfg)
     trust_work_dir(cfg)
