@@ -95,6 +95,7 @@ class ProbeImageDataset(Dataset):
         self.class_subset = class_subset
         self.real_labels = real_labels
         self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        self._file_list_sha256: str | None = None
 
     @property
     def metainfo(self) -> dict:
@@ -105,10 +106,12 @@ class ProbeImageDataset(Dataset):
         return len(self.samples)
 
     def file_list_sha256(self) -> str:
-        digest = hashlib.sha256()
-        for path, label in self.samples:
-            digest.update(f'{os.path.relpath(path, self.root)}\t{label}\n'.encode())
-        return digest.hexdigest()
+        if self._file_list_sha256 is None:  # the list is fixed once built; the cache hooks ask every epoch
+            digest = hashlib.sha256()
+            for path, label in self.samples:
+                digest.update(f'{os.path.relpath(path, self.root)}\t{label}\n'.encode())
+            self._file_list_sha256 = digest.hexdigest()
+        return self._file_list_sha256
 
     def describe(self) -> dict:
         """What a feature cache must match: the images, their labels and how they are transformed."""

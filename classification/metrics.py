@@ -53,10 +53,12 @@ class ImageNetAccuracy(BaseMetric):
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.real = real
         self.topk = (1,) if real else tuple(int(k) for k in topk)
+        self.classes_competing: int | None = None
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         subset = (self.dataset_meta or {}).get('class_subset')
         for sample in data_samples:
+            self.classes_competing = len(subset) if subset is not None else sample['logits'].shape[-1]
             if self.real and sample.get('real_labels') is None:
                 raise ValueError('ImageNetAccuracy(real=True) needs ReaL labels; use the ImageNetReaL dataset')
             hits = topk_hits(sample['logits'], sample['label'], sample['real_labels'] if self.real else None,
@@ -65,7 +67,8 @@ class ImageNetAccuracy(BaseMetric):
 
     def compute_metrics(self, results: list) -> dict:
         labeled = [r for r in results if r is not None]
-        metrics: dict[str, float] = dict(num_scored=float(len(labeled)))
+        # num_classes: how many classes competed (200 for ImageNet-A/-R), a check that the mask was applied.
+        metrics: dict[str, float] = dict(num_scored=float(len(labeled)), num_classes=float(self.classes_competing or 0))
         if not labeled:
             return dict(metrics, **{f'top{k}': float('nan') for k in self.topk})
         for k in self.topk:

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import classification  # noqa: F401  (registers everything)
-from backbones import InternViT
 from classification import (BackboneMismatchError, CachedFeatures, DatasetLayoutError, FeatureSpec, HeldOutSplit,
                             ImageNetAccuracy, ImageNetFileList, ImageNetFolder, ImageNetReaL, ImageNetV2Folder,
                             ImageReadError, LinearProbe, LinearProbeOptimWrapperConstructor, MultiSetTestLoop,
@@ -191,6 +190,7 @@ def test_accuracy_metric_with_masked_logits_and_real_labels():
     metric.process(None, [dict(logits=torch.tensor([l]), label=y, real_labels=None) for l, y in rows])
     result = metric.compute_metrics(metric.results)
     assert result['top1'] == pytest.approx(200 / 3) and result['top2'] == pytest.approx(100.0)
+    assert result['num_classes'] == 2
 
     real = ImageNetAccuracy(real=True)
     real.dataset_meta = {}
@@ -199,7 +199,7 @@ def test_accuracy_metric_with_masked_logits_and_real_labels():
     real.process(None, [dict(logits=torch.nn.functional.one_hot(torch.tensor([p]), 3).float(), label=-1,
                              real_labels=r) for p, r in zip(predicted, labels)])
     result = real.compute_metrics(real.results)
-    assert result == dict(num_scored=3.0, top1=pytest.approx(200 / 3))
+    assert result == dict(num_scored=3.0, num_classes=3.0, top1=pytest.approx(200 / 3))
     with pytest.raises(ValueError, match='needs ReaL labels'):
         real.process(None, [dict(logits=torch.zeros(1, 3), label=0, real_labels=None)])
 

@@ -18,7 +18,7 @@ CONFIG = osp.join(REPO, 'configs', 'classification', 'internvit_tiny_linear_prob
 CACHED_SWEEP_CONFIG = osp.join(REPO, 'configs', 'classification',
                                'internvit_tiny_linear_probe_sweep_cached_synthetic.py')
 CLASSES = 6  # chance is 16.7 %
-# No augmentation, so one process with batch 8 and two with batch 4 see the same images in the same steps.
+# No augmentation, so one process with batch 6 and two with batch 3 see the same images in the same steps.
 NO_AUGMENTATION = ['train_dataloader.dataset.dataset.pipeline.type=ProbeEvalTransform']
 
 
@@ -47,10 +47,15 @@ def subprocess_env(workspace):
                 PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
 
 
-def train_in_process(config, work_dir, *options):
+def train_in_process(config, work_dir, *options, resume=False):
     main = runpy.run_path(osp.join(REPO, 'tools', 'train.py'))['main']
-    return main([config, '--work-dir', str(work_dir), '--cfg-options', f'model.num_classes={CLASSES}',
-                 f'experiment_name={osp.basename(work_dir)}', *options])
+    return main([config, '--work-dir', str(work_dir), *(['--resume'] if resume else []), '--cfg-options',
+                 f'model.num_classes={CLASSES}', f'experiment_name={osp.basename(work_dir)}{int(resume)}', *options])
+
+
+def last_val_metrics(work_dir):
+    scalars = sorted(glob.glob(str(work_dir / '*' / 'vis_data' / 'scalars.json')))[-1]
+    return [json.loads(line) for line in open(scalars) if 'num_scored' in line][-1]
 
 
 def heads_of(checkpoint):
@@ -79,6 +84,8 @@ def test_published_recipe_learns_and_one_command_evaluates_every_set(workspace):
     assert metrics['IN-1K/top1'] >= 60.0, metrics  # chance: 16.7
     assert metrics['V2/top1'] >= 50.0 and metrics['Sketch/top1'] >= 40.0, metrics
     assert metrics['A/num_scored'] == metrics['R/num_scored'] == 9  # 3 classes x 3 images
+    assert metrics['A/num_classes'] == metrics['R/num_classes'] == 3  # logits restricted to the folders' classes
+    assert metrics['IN-1K/num_classes'] == metrics['Sketch/num_classes'] == CLASSES
     assert metrics['ReaL/num_scored'] == 29  # 36 val images, every fifth unlabeled
     log = sorted(glob.glob(str(work_dir / '*' / '*.log')))[-1]
     text = open(log).read()
@@ -87,15 +94,18 @@ def test_published_recipe_learns_and_one_command_evaluates_every_set(workspace):
 
 
 def test_two_gloo_processes_agree_with_one(workspace):
-    options = [*NO_AUGMENTATION, 'train_cfg.max_epochs=2']
+    # Validation on the ReaL labels, so its multi-label accuracy is gathered across the two ranks as well.
+    real_val = ['val_dataloader.dataset.type=ImageNetReaL', 'val_evaluator.real=True',
+                'val_dataloader.dataset.real_json=data/synthetic_imagenet/real.json']
+    options = [*NO_AUGMENTATION, *real_val, 'train_cfg.max_epochs=2']
     ddp_dir, single_dir = workspace / 'ddp', workspace / 'single'
     result = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
          osp.join(REPO, 'tools', 'train.py'), CONFIG, '--launcher', 'pytorch', '--work-dir', str(ddp_dir),
-         '--cfg-options', f'model.num_classes={CLASSES}', 'train_dataloader.batch_size=4', *options],
+         '--cfg-options', f'model.num_classes={CLASSES}', 'train_dataloader.batch_size=3', *options],
         cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    train_in_process(CONFIG, single_dir, 'train_dataloader.batch_size=8', *options)
+    train_in_process(CONFIG, single_dir, 'train_dataloader.batch_size=6', *options)
     ddp, _ = heads_of(ddp_dir / 'epoch_2.pth')
     single, _ = heads_of(single_dir / 'epoch_2.pth')
     assert ddp.keys() == single.keys()
@@ -106,9 +116,12 @@ def test_two_gloo_processes_agree_with_one(workspace):
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     assert (json.loads((ddp_dir / 'heldout_selection.json').read_text())['heads'] ==
             json.loads((single_dir / 'heldout_selection.json').read_text())['heads'])
+    ddp_val, single_val = last_val_metrics(ddp_dir), last_val_metrics(single_dir)
+    assert ddp_val['num_scored'] == single_val['num_scored'] == 29  # labeled ReaL images, each counted once
+    assert ddp_val['top1'] == pytest.approx(single_val['top1'])
 
 
-def test_cached_sweep_chooses_on_heldout_data_and_reuses_the_cache(workspace):
+def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspace):
     grid = ['model.sweep_lrs=[0.0001,0.1,3.0]', "model.sweep_features=['cls_mean','cls']", 'train_cfg.max_epochs=3']
     runner = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep', *grid)
     # The backbone ran once per image: 144 train (incl. 30 held out) + 36 val, for 6 heads over 3 epochs.
@@ -124,6 +137,9 @@ def test_cached_sweep_chooses_on_heldout_data_and_reuses_the_cache(workspace):
     tiny_lr = [h['heldout_top1'] for h in selection['heads'] if h['lr'] == 0.0001]
     assert max(tiny_lr) < max(scores) - 20  # the grid matters: a too-small lr barely learns in 3 epochs
 
-    again = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep_again', *grid)
-    assert again.model.backbone_images_processed == 0  # every feature came from the cache
-    assert json.loads((workspace / 'sweep_again' / 'heldout_selection.json').read_text())['heads'] == selection['heads']
+    # --resume continues the probe from its own checkpoint (heads, optimizer, selection), features from the cache.
+    resumed = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep', *grid[:2], 'train_cfg.max_epochs=4',
+                               resume=True)
+    assert resumed.model.backbone_images_processed == 0
+    assert json.loads((workspace / 'sweep' / 'heldout_selection.json').read_text())['epoch'] == 4
+    assert (workspace / 'sweep' / 'epoch_4.pth').is_file()
