@@ -327,3 +327,45 @@ def test_feature_cache_extracts_once_resumes_and_refuses_stale(tmp_path):
     assert 'dataset.file_list_sha256' in str(err.value) and 'dataset.num_samples: cached=18, now=19' in str(err.value)
     with pytest.raises(ValueError, match='needs a deterministic pipeline'):
         CachedFeatures(dict(source, pipeline=dict(type='ProbeTrainTransform', size=56)), **settings)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize('name, preset, size, dim', [
+    ('internvit_6b_224_linear_probe_in1k', 'internvit_6b_224', 224, 6400),
+    ('internvit_6b_448_linear_probe_in1k', 'internvit_6b_448', 448, 6400),
+    ('internvit_300m_448_linear_probe_in1k', 'internvit_300m_448', 448, 2048),
+])
+def test_configs_hold_the_published_recipe(name, preset, size, dim):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS
+
+    cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', 'configs', 'classification', f'{name}.py'))
+    assert cfg.model.backbone.preset == preset and cfg.model.backbone.frozen and cfg.model.backbone.dtype == 'bfloat16'
+    assert (cfg.model.feature, cfg.model.lr, cfg.model.sweep, cfg.model.num_classes) == ('cls_mean', 0.1, False, 1000)
+    assert cfg.optim_wrapper.optimizer == dict(type='SGD', momentum=0.9, weight_decay=0.0)
+    assert cfg.train_cfg.max_epochs == 10 and cfg.auto_scale_lr == dict(base_batch_size=512, enable=True)
+    assert [s.end for s in cfg.param_scheduler] == [1, 10] and cfg.param_scheduler[1].type == 'CosineAnnealingLR'
+    assert cfg.train_dataloader.batch_size * 8 == 1024  # published batch on 8 GPUs
+    assert cfg.train_dataloader.dataset.dataset.pipeline == dict(type='ProbeTrainTransform', size=size)
+    assert cfg.heldout_dataloader.dataset.dataset.pipeline == dict(type='ProbeEvalTransform', size=size)
+    assert cfg.test_cfg.pipeline == dict(type='ProbeEvalTransform', size=size)
+    assert [s.name for s in cfg.test_cfg.sets] == ['IN-1K', 'ReaL', 'V2', 'A', 'R', 'Sketch']
+    with torch.device('meta'):  # the real architecture, without its weights
+        model = MODELS.build(cfg.model)
+    head = model.heads[0]
+    assert (head.fc.in_features, head.fc.out_features, head.norm.eps, head.lr) == (dim, 1000, 1e-6, 0.1)
+    assert model.backbone.depth == {'internvit_6b_224': 48, 'internvit_6b_448': 45, 'internvit_300m_448': 24}[preset]
+
+
+def test_cached_sweep_config_trains_heads_from_the_cache():
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', 'configs', 'classification',
+                                       'internvit_6b_224_linear_probe_sweep_cached_in1k.py'))
+    assert cfg.model.sweep is True and cfg.model.backbone.preset == 'internvit_6b_224'
+    for loader in (cfg.train_dataloader, cfg.heldout_dataloader):
+        split, cached = loader.dataset, loader.dataset.dataset
+        assert split.type == 'HeldOutSplit' and cached.type == 'CachedFeatures' and cached.layers == 4
+        assert cached.dataset.pipeline == dict(type='ProbeEvalTransform', size=224)
+    assert cfg.train_dataloader.dataset.dataset.cache_dir == cfg.heldout_dataloader.dataset.dataset.cache_dir
+    assert cfg.val_dataloader.dataset.type == 'CachedFeatures'
