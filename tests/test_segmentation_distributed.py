@@ -1,5 +1,5 @@
-"""Distributed training through tools/dist_train.sh (torchrun + tools/train.py) with 2 gloo processes on the CPU: DDP, and FSDP (FlexibleRunner +
-FSDPStrategy + InternViTBlockFSDP, bf16 blocks, activation checkpointing)."""
+"""Distributed training through tools/dist_train.sh (torchrun + tools/train.py) with 2 gloo processes on the CPU:
+DDP, and FSDP (FlexibleRunner + FSDPStrategy + InternViTBlockFSDP, bf16 blocks, activation checkpointing)."""
 import os
 import os.path as osp
 import re

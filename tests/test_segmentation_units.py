@@ -112,7 +112,8 @@ def test_layer_decay_groups_lrs_and_weight_decay():
     assert group_of('backbone.encoder.layers.3.mlp.fc1.weight')['lr'] == pytest.approx(base_lr * rate)
     assert group_of('decode_head.conv_seg.weight')['lr'] == pytest.approx(base_lr)
     no_decay = ['backbone.embeddings.position_embedding', 'backbone.embeddings.class_embedding',
-                'backbone.encoder.layers.0.ls1', 'backbone.encoder.layers.0.ls2', 'backbone.encoder.layers.0.norm1.weight',
+                'backbone.encoder.layers.0.ls1', 'backbone.encoder.layers.0.ls2',
+                'backbone.encoder.layers.0.norm1.weight',
                 'backbone.encoder.layers.1.norm2.weight', 'backbone.encoder.layers.2.attn.q_norm.weight',
                 'backbone.encoder.layers.2.attn.k_norm.weight', 'backbone.encoder.layers.0.attn.proj.bias',
                 'decode_head.conv_seg.bias', 'neck.branches.0.1.weight']

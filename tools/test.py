@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
 
 import backbones  # noqa: E402,F401
+from backbones.compat import UntrustedCheckpointError  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
@@ -54,7 +55,11 @@ def main(argv=None):
     init_distributed_without_cuda(args.launcher)
     runner = build_runner(cfg)
     trust_work_dir(cfg)
-    return runner.test()
+    try:
+        return runner.test()
+    except UntrustedCheckpointError as err:
+        raise UntrustedCheckpointError(f"{err} To evaluate another run's checkpoint, pass that run's folder as "
+                                       f'--work-dir.') from err
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 # Quick start on the CPU: a tiny InternViT (4 layers, width 64, random init) + pyramid + UperNet, fully trained on
 # the synthetic dataset; fp32, BN. Slide inference 112/84 and test-time padding exercise the multiple-of-14 rules.
-#   python tools/make_synthetic_ade20k.py && python tools/train.py configs/segmentation/quickstart_tiny_upernet_synthetic.py
+#   bash tools/quickstart.sh   (or: python tools/make_synthetic_ade20k.py && python tools/train.py THIS_CONFIG)
 _base_ = ['../_base_/models/internvit_6b_upernet.py', '../_base_/datasets/synthetic_ade20k.py',
           '../_base_/default_runtime.py', '../_base_/schedules/schedule_80k.py']
 norm_cfg = dict(type='BN', requires_grad=True)
