@@ -8,6 +8,7 @@ import runpy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,30 @@ def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspa
     assert resumed.model.backbone_images_processed == 0
     assert json.loads((workspace / 'sweep' / 'heldout_selection.json').read_text())['epoch'] == 4
     assert (workspace / 'sweep' / 'epoch_4.pth').is_file()
+
+
+def test_two_gloo_processes_share_the_feature_extraction(workspace):
+    def cache_options(root):
+        return [f'train_dataloader.dataset.dataset.cache_dir={root}/in1k_train',
+                f'heldout_dataloader.dataset.dataset.cache_dir={root}/in1k_train',
+                f'val_dataloader.dataset.cache_dir={root}/in1k_val', 'train_cfg.max_epochs=1']
+
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         osp.join(REPO, 'tools', 'train.py'), CACHED_SWEEP_CONFIG, '--launcher', 'pytorch', '--work-dir',
+         str(workspace / 'ddp_cached'), '--cfg-options', f'model.num_classes={CLASSES}',
+         'train_dataloader.batch_size=8', *cache_options('ddp_cache')],
+        cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = sorted(glob.glob(str(workspace / 'ddp_cached' / '*' / '*.log')))[-1]
+    assert 'in1k_train: rank 0 extracts 2 of 3 shards' in open(log).read()  # rank 1 took the third
+    train_in_process(CACHED_SWEEP_CONFIG, workspace / 'one_cached', 'train_dataloader.batch_size=16',
+                     *cache_options('one_cache'))
+    for split, shards in (('in1k_train', 3), ('in1k_val', 1)):
+        two, one = workspace / 'ddp_cache' / split, workspace / 'one_cache' / split
+        two_manifest, one_manifest = (json.loads((d / 'manifest.json').read_text()) for d in (two, one))
+        two_manifest.pop('info'), one_manifest.pop('info')  # creation time and weights path
+        assert two_manifest == one_manifest
+        for shard in range(shards):
+            name = f'shard_{shard:05d}.npy'
+            np.testing.assert_allclose(np.load(two / name), np.load(one / name), rtol=1e-5, atol=1e-6)
