@@ -253,6 +253,9 @@ def test_layout_errors_name_the_path(tmp_path):
     with pytest.raises(DatasetLayoutError, match=r'V2: class folder .*v2/1 is missing'):
         ImageNetV2Folder(str(v2), EVAL_56, classes=classes)
     ann = tmp_path / 'train.txt'
+    ann.write_text('n01/n01_0.png 0\n\nn03/n03_1.png 2\n')
+    listed = ImageNetFileList(str(root), str(ann), EVAL_56, classes=classes)
+    assert listed.labels.tolist() == [0, 2] and listed[1]['inputs'].shape == (3, 56, 56)
     ann.write_text('n01/n01_0.png 0\nn01/n01_1.png seven\n')
     with pytest.raises(DatasetLayoutError, match=r'train.txt:2: expected "<relative path> <label>"'):
         ImageNetFileList(str(root), str(ann), EVAL_56, classes=classes)
