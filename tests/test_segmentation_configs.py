@@ -7,7 +7,7 @@ import torch
 
 import segmentation  # noqa: F401
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
 from backbones import PRESETS
@@ -75,8 +75,7 @@ def test_config_respects_patch_size_and_recipe(path):
 def test_backbone_builds_on_meta_as_published(name):
     preset, out_indices, frozen, drop_path, layer_decay, weight_decay, runner = EXPECTED[name]
     cfg = Config.fromfile(osp.join(CONFIG_DIR, name + '.py'))
-    init_default_scope('mmseg')
-    with torch.device('meta'):
+    with DefaultScope.overwrite_default_scope('mmseg'), torch.device('meta'):
         model = MODELS.build(cfg.model)
     backbone = model.backbone
     assert backbone.arch == PRESETS[preset]

@@ -12,7 +12,7 @@ import torch
 
 import segmentation  # noqa: F401
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
 from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
@@ -87,8 +87,8 @@ model = dict(backbone=dict(grad_checkpointing=True))
     assert not any('_fsdp' in key for key in state)
     assert state['backbone.encoder.layers.0.attn.qkv.weight'].dtype == torch.float32  # fp32 master weights
     cfg = Config.fromfile(config)
-    init_default_scope('mmseg')
-    model = MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state, strict=True)  # a full, unsharded state dict of the plain model
     assert not torch.equal(initial['backbone.encoder.layers.3.mlp.fc2.weight'],

@@ -11,7 +11,7 @@ from PIL import Image
 
 import segmentation  # noqa: F401  (registers everything)
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 from mmseg.registry import DATASETS, MODELS
 from mmseg.structures import SegDataSample
 from mmengine.structures import PixelData
@@ -22,12 +22,10 @@ from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor, cl
 from segmentation.neck import ViTFeaturePyramid
 from segmentation.testing import QUICKSTART_CONFIG, make_tiny_dataset, torch_threads
 
-init_default_scope('mmseg')
-
 
 @pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    with torch_threads(1):
+def seg_scope_one_thread():
+    with DefaultScope.overwrite_default_scope('mmseg'), torch_threads(1):
         yield
 
 
