@@ -4,8 +4,9 @@
     bash tools/dist_test.sh CONFIG CHECKPOINT NGPUS [...]
 
 Checkpoints inside the work dir (default ``work_dirs/<config name>``, where tools/train.py writes) load fully;
-any other file must load with ``torch.load(weights_only=True)`` (a plain state dict). To evaluate another run's
-checkpoint, pass that run's folder as ``--work-dir``.
+any other file loads with ``torch.load(weights_only=True)``: another run's MMEngine checkpoint gives its tensors
+and plain metadata, its message-hub objects become inert stand-ins (``backbones.weights.safe_torch_load``); a file
+holding any other object is refused.
 """
 import argparse
 import os
@@ -58,8 +59,8 @@ def main(argv=None):
     try:
         return runner.test()
     except UntrustedCheckpointError as err:
-        raise UntrustedCheckpointError(f"{err} To evaluate another run's checkpoint, pass that run's folder as "
-                                       f'--work-dir.') from err
+        raise UntrustedCheckpointError(f'{err} If you wrote this file yourself, pass its folder as --work-dir to '
+                                       f'trust it.') from err
 
 
 if __name__ == '__main__':
