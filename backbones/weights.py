@@ -770,7 +770,7 @@ def _detect_or_none(keys: Iterable[str]) -> tuple[str, str] | None:
 
 # ------------------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory next to ``out_dir``; it becomes ``out_dir`` only once complete."""
     out = Path(out_dir).expanduser().absolute()
     _refuse_existing(out, overwrite)
@@ -825,11 +825,13 @@ def _prepare_export(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
     return sd, target
 
 
-def _json_dump(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + '\n')
+def json_dump(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + '\n')
+    os.replace(tmp, path)
 
 
-def _save_safetensors(tensors: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int,
+def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int,
                       metadata: dict | None = None) -> list[str]:
     """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the size."""
     from safetensors.torch import save_file
@@ -850,14 +852,20 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor], out: Path, max_shard_
         files = [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
     weight_map = {}
     for file, shard in zip(files, shards):
-        save_file({n: tensors[n].contiguous().clone() for n in shard}, str(out / file), metadata=metadata)
-        os.chmod(out / file, 0o666 & ~_umask())
+        # Each file under a temporary name first, so a directory written in place never holds half a file.
+        tmp = out / f'.{file}.tmp'
+        save_file({n: tensors[n].contiguous().clone() for n in shard}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out / file)
         weight_map.update({n: file for n in shard})
         print_log(f'wrote {out.name}/{file} ({len(shard)} tensors)', logger='current')
+    index = out / 'model.safetensors.index.json'
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _json_dump({'metadata': {'total_size': total}, 'weight_map': weight_map},
-                   out / 'model.safetensors.index.json')
+        json_dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, index)
+        files.append(index.name)
+    elif index.exists():
+        index.unlink()  # a stale index from an earlier sharded save would point at the wrong files
     return files
 
 
@@ -877,9 +885,9 @@ def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_di
     config = hf_config_from_arch(target)
     tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in sd.items()}
     config['torch_dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
-    with _atomic_dir(out, overwrite) as tmp:
-        _json_dump(config, tmp / 'config.json')
-        _save_safetensors(tensors, tmp, max_shard_bytes)
+    with atomic_dir(out, overwrite) as tmp:
+        json_dump(config, tmp / 'config.json')
+        save_safetensors_shards(tensors, tmp, max_shard_bytes)
     print_log(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
               f'{config["torch_dtype"]})', logger='current')
     return out
@@ -903,9 +911,9 @@ def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
     tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in from_canonical(sd, 'native').items()}
     config = native_config_from_arch(target)
     config['dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
-    with _atomic_dir(out, overwrite) as tmp:
-        _json_dump(config, tmp / 'config.json')
-        _save_safetensors(tensors, tmp, max_shard_bytes)
+    with atomic_dir(out, overwrite) as tmp:
+        json_dump(config, tmp / 'config.json')
+        save_safetensors_shards(tensors, tmp, max_shard_bytes)
     print_log(f'wrote native InternVLVisionModel directory {out}', logger='current')
     return out
 
@@ -1001,7 +1009,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
                            + '; '.join(mismatched[:5]) + (f'; and {len(mismatched) - 5} more'
                                                          if len(mismatched) > 5 else ''))
     touched = {files[k] for k in specs}
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         for item in _walk_files(chat):
             rel = item.relative_to(chat)
             target = tmp / rel

@@ -17,14 +17,11 @@ end, and refuses an existing target unless ``overwrite=True``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from mmengine.logging import print_log
@@ -32,8 +29,8 @@ from torch import nn
 
 from backbones import InternViT
 from backbones.internvit import as_dtype as _dtype
-from backbones.weights import (arch_for_weights, hf_config_from_arch, load_into_model, read_tensors, read_weights,
-                               weight_files as weight_map)
+from backbones.weights import (arch_for_weights, atomic_dir, hf_config_from_arch, json_dump, load_into_model,
+                               read_tensors, read_weights, save_safetensors_shards, weight_files as weight_map)
 
 from .model import ChatSettings, InternVLChatModel
 from .tokenization import IMAGE_TOKENS, bind_tokenizer, prepare_tokenizer
@@ -298,74 +295,6 @@ def _untie(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
-
-
-def _shard(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(tensors, key=_natural_key):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-def _write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
-    """Shards (and the index) into ``directory``; each file is written under a temporary name and renamed."""
-    from safetensors.torch import save_file
-    shards = _shard(tensors, max_shard_bytes)
-    names = ['model.safetensors'] if len(shards) == 1 else \
-        [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
-    written = []
-    for name, shard in zip(names, shards):
-        tmp = directory / f'.{name}.tmp'
-        save_file({k: tensors[k].contiguous() for k in shard}, str(tmp), metadata={'format': 'pt'})
-        os.replace(tmp, directory / name)
-        written.append(name)
-    index = directory / 'model.safetensors.index.json'
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        body = {'metadata': {'total_size': total},
-                'weight_map': {k: name for name, shard in zip(names, shards) for k in shard}}
-        _write_json(index, body)
-        written.append(index.name)
-    elif index.exists():
-        index.unlink()  # a stale index from an earlier, sharded save would point at the wrong files
-    return written
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out`` that replaces it only once everything is written."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to replace it')
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
                     overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                     state_dict: Mapping[str, torch.Tensor] | None = None, in_place: bool = False) -> Path:
@@ -384,10 +313,10 @@ def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tok
     config = chat_config(model, dtype)
 
     def write(directory: Path) -> None:
-        _write_weights(directory, tensors, max_shard_bytes)
+        save_safetensors_shards(tensors, directory, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
-        _write_json(directory / 'config.json', config)
+        json_dump(config, directory / 'config.json')
 
     if in_place:
         out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +324,7 @@ def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tok
             stale.unlink()
         write(out)
     else:
-        with _atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite) as tmp:
             write(tmp)
     print_log(f'wrote InternVL-Chat checkpoint {out} ({len(tensors)} tensors, {config["torch_dtype"]})',
               logger='current')
