@@ -70,11 +70,21 @@ def resolve_arch(preset: str | InternViTArch | None = None, **overrides) -> Inte
     if isinstance(preset, InternViTArch):
         base = preset
     elif preset is None:
-        return InternViTArch(**overrides)
+        base = None
     elif preset in PRESETS:
         base = PRESETS[preset]
     else:
         raise KeyError(f'unknown InternViT preset {preset!r}; known presets: {", ".join(PRESETS)}')
+    unknown = sorted(set(overrides) - set(InternViTArch.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f'unknown InternViT argument(s) {", ".join(unknown)}; shape fields are '
+                        f'{", ".join(InternViTArch.__dataclass_fields__)}')
+    if base is None:
+        missing = [f for f in ('embed_dim', 'depth', 'num_heads', 'mlp_dim') if f not in overrides]
+        if missing:
+            raise TypeError(f'InternViT without a preset needs {", ".join(missing)} (or preset=one of '
+                            f'{", ".join(PRESETS)})')
+        return InternViTArch(**overrides)
     return replace(base, **overrides) if overrides else base
 
 
@@ -155,14 +165,14 @@ class Embeddings(nn.Module):
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
     def position_embedding_for(self, grid_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """Position embeddings for a grid, cached per grid while they cannot change under us.
+        """Position embeddings for a grid, cached per grid for a frozen embedding (``requires_grad=False``).
 
-        The cache key holds the parameter's version counter, so an optimizer step (in place) invalidates it;
-        nothing is cached while the embedding is being trained (its graph must be rebuilt each step).
+        A trainable embedding is resampled at every call: its graph must be rebuilt each step, and FSDP/ZeRO-3
+        swap gathered storage in and out of parameters in ways a cache key cannot see. The key still holds the
+        storage and version counter, so even an in-place edit of a frozen embedding is noticed.
         """
         pos = self.position_embedding
-        trainable = pos.requires_grad and torch.is_grad_enabled()
-        if trainable or torch.compiler.is_compiling() or pos.is_meta:
+        if pos.requires_grad or torch.compiler.is_compiling() or pos.is_meta:
             return resample_pos_embed(pos, grid_hw).to(dtype)
         key = (grid_hw, dtype, pos.device, pos.data_ptr(), pos._version)
         cached = self._pos_cache.get(key)
@@ -187,6 +197,15 @@ class Embeddings(nn.Module):
         return x + self.position_embedding_for(grid_hw, x.dtype)
 
 
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # optional dependency, GPU only
+    except ImportError as err:
+        raise ImportError("attn_impl='flash_attn' needs the flash-attn package (pip install -e '.[gpu]' on a CUDA "
+                          "machine); attn_impl='sdpa' uses PyTorch's fused kernels without it") from err
+    return flash_attn_func
+
+
 class Attention(nn.Module):
     def __init__(self, arch: InternViTArch, attn_impl: str = 'sdpa'):
         super().__init__()
@@ -197,6 +216,8 @@ class Attention(nn.Module):
         self.head_dim = dim // arch.num_heads
         self.scale = self.head_dim ** -0.5
         self.attn_impl = attn_impl
+        if attn_impl == 'flash_attn':
+            _flash_attn_func()  # fail at construction, not at the first forward
         self.qkv = nn.Linear(dim, 3 * dim, bias=arch.qkv_bias)
         self.qk_norm = arch.qk_norm
         if arch.qk_norm:
@@ -211,8 +232,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         heads = (b, n, self.num_heads, self.head_dim)
         if self.attn_impl == 'flash_attn':
-            from flash_attn import flash_attn_func  # optional dependency, GPU only
-            out = flash_attn_func(q.view(heads), k.view(heads), v.view(heads), softmax_scale=self.scale)
+            out = _flash_attn_func()(q.view(heads), k.view(heads), v.view(heads), softmax_scale=self.scale)
             return self.proj(out.reshape(b, n, c))
         q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
         if self.attn_impl == 'sdpa':
@@ -295,7 +315,7 @@ class InternViT(BaseModule):
                  frozen: bool = False, dtype: str | torch.dtype | None = None, attn_impl: str = 'sdpa',
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, init_cfg=None,
                  **arch_overrides):
-        super().__init__(init_cfg=init_cfg)
+        super().__init__()
         self.arch = resolve_arch(preset, **arch_overrides)
         if output_format not in ('nchw', 'tokens'):
             raise ValueError(f"output_format must be 'nchw' or 'tokens', got {output_format!r}")
@@ -308,15 +328,25 @@ class InternViT(BaseModule):
         self.drop_path_rate = drop_path_rate
         self.pretrained = pretrained
 
-        self.embeddings = Embeddings(self.arch)
-        self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
-        self._init_parameters()
+        if init_cfg is not None:
+            # MMEngine would apply it after construction, possibly over loaded weights, or ignore a bad path.
+            raise ValueError(f'InternViT does not take init_cfg (got {init_cfg!r}): give checkpoints as '
+                             f'pretrained=PATH, which is loaded and checked at construction')
 
-        if pretrained is not None:
-            if self.embeddings.position_embedding.is_meta:
+        target = torch.get_default_device()
+        skip_init = pretrained is not None and target.type != 'meta'
+        # With pretrained weights, build without initializing (a 6B model's random init takes minutes and
+        # the strict load below overwrites every tensor), then allocate and load.
+        with torch.device('meta') if skip_init else contextlib.nullcontext():
+            self.embeddings = Embeddings(self.arch)
+            self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
+        if skip_init:
+            self.to_empty(device=target)
+            self.load_pretrained(pretrained)
+        else:
+            self._init_parameters()
+            if pretrained is not None:
                 print_log(f'InternViT built on the meta device: {pretrained} is not loaded', logger='current')
-            else:
-                self.load_pretrained(pretrained)
         self._apply_dtype_and_freeze()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -367,7 +397,10 @@ class InternViT(BaseModule):
         return super().train(False if self.frozen else mode)
 
     def load_pretrained(self, path: str, strict: bool = True) -> None:
-        """Load a checkpoint in any supported layout, resampling position embeddings to this model's grid."""
+        """Load a checkpoint in any supported layout, resampling position embeddings to this model's grid.
+
+        ``strict``: every tensor of the model must be in the checkpoint, and nothing else (see
+        ``backbones.weights.load_into_model``)."""
         from .weights import load_into_model, read_weights
         weights = read_weights(path)
         load_into_model(self, weights.state_dict, source=str(path), strict=strict)

@@ -169,7 +169,7 @@ def test_forward_returns_out_indices_for_mmseg():
 
 # --------------------------------------------------------------------------------------------- position embeddings
 def test_pos_embed_resampling_is_direct_bicubic_and_cached():
-    model = tiny().eval()
+    model = tiny(frozen=True)
     pos = model.embeddings.position_embedding.detach()
     out = resample_pos_embed(pos, (5, 3))
     grid = pos[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
@@ -177,17 +177,26 @@ def test_pos_embed_resampling_is_direct_bicubic_and_cached():
     torch.testing.assert_close(out, torch.cat([pos[:, :1], direct], 1), atol=0, rtol=0)
     assert resample_pos_embed(pos, (4, 4)) is pos  # native grid: untouched
 
+    first = model.embeddings.position_embedding_for((5, 3), torch.float32)
+    assert model.embeddings.position_embedding_for((5, 3), torch.float32) is first
+    # An in-place edit (a weight load, a manual change) must not be served from the cache.
+    with torch.no_grad():
+        model.embeddings.position_embedding.sub_(1.0)
+    after = model.embeddings.position_embedding_for((5, 3), torch.float32)
+    torch.testing.assert_close(after, first - 1.0, atol=1e-5, rtol=0)
+    assert model.forward_features(torch.randn(1, 3, 70, 42)).shape == (1, 16, 64)
+
+
+def test_trainable_pos_embed_is_never_cached():
+    # Under FSDP/ZeRO-3 gathered weights are swapped into parameters without a version bump: a trainable
+    # embedding must be resampled from its current values at every call, with or without grad.
+    model = tiny()
     with torch.no_grad():
         first = model.embeddings.position_embedding_for((5, 3), torch.float32)
-        again = model.embeddings.position_embedding_for((5, 3), torch.float32)
-    assert again is first
-    # An optimizer step changes the parameter in place: the cache must not serve the stale value.
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    model.embeddings.position_embedding.grad = torch.ones_like(model.embeddings.position_embedding)
-    opt.step()
-    with torch.no_grad():
+        model.embeddings.position_embedding.data = model.embeddings.position_embedding.data + 1.0
         after = model.embeddings.position_embedding_for((5, 3), torch.float32)
-    torch.testing.assert_close(after, first - 1.0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, first + 1.0, atol=1e-5, rtol=0)
+    assert not model.embeddings._pos_cache
 
 
 def test_pos_embed_gets_gradients_when_trained():
@@ -255,3 +264,35 @@ def test_unknown_dtype_and_attention_are_errors():
         tiny(dtype='bfloat15')
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         tiny(attn_impl='xformers')
+
+
+def test_construction_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r'does not take init_cfg .* pretrained=PATH'):
+        InternViT('internvit_tiny', init_cfg=dict(type='Pretrained', checkpoint='missing.pth'))
+    with pytest.raises(TypeError, match='unknown InternViT argument\\(s\\) embed_dims'):
+        InternViT('internvit_tiny', embed_dims=32)
+    with pytest.raises(TypeError, match='without a preset needs num_heads, mlp_dim'):
+        InternViT(None, embed_dim=32, depth=2)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="attn_impl='flash_attn' needs the flash-attn package"):
+            tiny(attn_impl='flash_attn')
+
+
+def test_pretrained_is_loaded_at_construction_without_random_init(tmp_path, monkeypatch):
+    from backbones.weights import write_hf
+    source = tiny().eval()
+    write_hf(source.state_dict(), source.arch, tmp_path / 'hf', dtype=torch.float32)
+
+    def no_init(self):
+        raise AssertionError('random init must be skipped when pretrained weights are given')
+
+    monkeypatch.setattr(InternViT, '_init_parameters', no_init)
+    model = InternViT('internvit_tiny', pretrained=str(tmp_path / 'hf'), frozen=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    x = torch.randn(1, 3, 56, 42)
+    torch.testing.assert_close(model.forward_features(x), source.forward_features(x).detach())
+    with pytest.raises(Exception, match='does not exist|not found|No such'):
+        InternViT('internvit_tiny', pretrained=str(tmp_path / 'nothing_here'))

@@ -3,10 +3,9 @@
     python tools/test.py CONFIG CHECKPOINT [--show-dir DIR] [--max-overlays N] [--work-dir DIR] [--cfg-options ...]
     bash tools/dist_test.sh CONFIG CHECKPOINT NGPUS [...]
 
-Checkpoints inside the work dir (default ``work_dirs/<config name>``, where tools/train.py writes) load fully;
-any other file loads with ``torch.load(weights_only=True)``: another run's MMEngine checkpoint gives its tensors
-and plain metadata, its message-hub objects become inert stand-ins (``backbones.weights.safe_torch_load``); a file
-holding any other object is refused.
+Evaluation never unpickles a checkpoint in full: it loads with ``torch.load(weights_only=True)``, and an MMEngine
+checkpoint (from this or any run) gives its tensors and plain metadata while its message-hub objects become inert
+stand-ins (``backbones.weights.safe_torch_load``); a file holding any other object is refused.
 """
 import argparse
 import os
@@ -16,11 +15,10 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
 
 import backbones  # noqa: E402,F401
-from backbones.compat import UntrustedCheckpointError  # noqa: E402
+from backbones.compat import trust_checkpoints_in  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
-                                  trust_work_dir)
+from segmentation.runtime import build_runner, init_distributed_without_cuda, prepare_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,12 +53,8 @@ def main(argv=None):
             dict(type='SegOverlayHook', out_dir=osp.abspath(args.show_dir), max_images=args.max_overlays)]
     init_distributed_without_cuda(args.launcher)
     runner = build_runner(cfg)
-    trust_work_dir(cfg)
-    try:
-        return runner.test()
-    except UntrustedCheckpointError as err:
-        raise UntrustedCheckpointError(f'{err} If you wrote this file yourself, pass its folder as --work-dir to '
-                                       f'trust it.') from err
+    trust_checkpoints_in(None)  # nothing to resume here, so no file needs full unpickling
+    return runner.test()
 
 
 if __name__ == '__main__':
