@@ -418,9 +418,26 @@ def _read_file(path: Path) -> Weights:
         everything, trail = _unwrap(safe_torch_load(path), path)
         if trail:
             print_log(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}", logger='current')
-        tensors = {k: everything[k] for k in _backbone_keys(everything, path)}
+        try:
+            tensors = {k: everything[k] for k in _backbone_keys(everything, path)}
+        except WeightsError as err:
+            hint = _probe_checkpoint_hint(everything)
+            raise (WeightsError(f'{err}. {hint}') if hint else err) from None
     sd, layout = to_canonical(tensors)
     return Weights(sd, None, layout, str(path))
+
+
+def _probe_checkpoint_hint(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Linear-probe checkpoints hold only heads; their record (JSON bytes) names the backbone they ran on."""
+    record = state_dict.get('_extra_state')
+    if not isinstance(record, torch.Tensor) or record.dtype != torch.uint8:
+        return None
+    try:
+        backbone = json.loads(bytes(record.tolist()).decode())['backbone']
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (f"It is a linear-probe checkpoint, which holds only the heads; its frozen backbone is "
+            f"{backbone.get('pretrained') or '(no path recorded)'} (sha256 {backbone.get('sha256', '?')}): export that")
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -445,6 +462,10 @@ def weight_files(directory: Path) -> dict[str, Path]:
             if file.suffix == '.safetensors':
                 return {k: file for k in _safetensors_keys(file)}
             return {k: file for k in _unwrap(safe_torch_load(file), file)[0]}
+    if any(directory.glob('*model_states.pt')):
+        raise WeightsError(f'{directory} is a DeepSpeed checkpoint folder: consolidate it first with the '
+                           f'zero_to_fp32.py script DeepSpeed writes next to it (python zero_to_fp32.py '
+                           f'{directory} OUT.bin), then read OUT.bin')
     raise WeightsError(f'{directory} has no weights: expected model.safetensors, model.safetensors.index.json, '
                        'pytorch_model.bin or pytorch_model.bin.index.json')
 

@@ -494,3 +494,17 @@ def test_export_to_chat_hf_dir_errors_and_overwrite(tmp_path, rms, capsys):
     deeper = randomized('internvit_tiny', depth=5)
     with pytest.raises(WeightsError, match='the chat vision model has 4 layers, the source 5'):
         write_into_chat(canonical(deeper), make_chat(tmp_path / 'chat4', rms), tmp_path / 'y')
+
+
+def test_probe_and_deepspeed_checkpoints_say_what_to_export(tmp_path):
+    record = {'format': 'linear-probe', 'backbone': {'sha256': 'ab12', 'pretrained': '/models/InternViT-6B-224px'}}
+    probe = {'state_dict': {'heads.0.weight': torch.zeros(3, 4),
+                            '_extra_state': torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)}}
+    torch.save(probe, tmp_path / 'epoch_10.pth')
+    with pytest.raises(WeightsError, match=r'linear-probe checkpoint.*/models/InternViT-6B-224px \(sha256 ab12\)'):
+        read_weights(tmp_path / 'epoch_10.pth')
+    ds = tmp_path / 'iter_8000.pth'
+    ds.mkdir()
+    torch.save({'module': {}}, ds / 'mp_rank_00_model_states.pt')
+    with pytest.raises(WeightsError, match='is a DeepSpeed checkpoint folder: consolidate it first'):
+        read_weights(ds)
