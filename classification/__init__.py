@@ -16,6 +16,7 @@ from .metrics import ImageNetAccuracy, topk_hits
 from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
                     ProbeDataPreprocessor, probe_record)
 from .optim import LinearProbeOptimWrapperConstructor
+from .runner import ProbeRunner, apply_sweep_switch
 from .transforms import ProbeEvalTransform, ProbeTrainTransform
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     'read_class_list', 'probe_collate', 'DatasetLayoutError', 'ImageReadError', 'CachedFeatures',
     'StaleFeatureCacheError', 'manifest_differences', 'prepare_feature_caches', 'FeatureCacheHook',
     'HeadSelectionHook', 'MultiSetTestLoop', 'format_results_table', 'ImageNetAccuracy', 'topk_hits',
-    'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform',
+    'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform', 'ProbeRunner',
+    'apply_sweep_switch',
 ]

@@ -300,13 +300,26 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
 @DATASETS.register_module()
 class HeldOutSplit(Dataset):
     """The ``'train'`` or ``'heldout'`` part of a training set (stratified, deterministic; see
-    ``stratified_holdout``). Both parts built with the same fraction and seed are disjoint and cover the set."""
+    ``stratified_holdout``). Both parts built with the same fraction and seed are disjoint and cover the set.
 
-    def __init__(self, dataset, part: str, fraction: float = 0.01, seed: int = 0):
+    ``sweep`` ties the split to the model's sweep switch (``ProbeRunner`` sets it from ``model.sweep``): False
+    holds nothing out (the single head trains on the whole set, the held-out part is empty), True needs a
+    ``fraction`` above 0 (a sweep chooses its head on held-out training data, never on an evaluation set), None
+    uses ``fraction`` as given.
+    """
+
+    def __init__(self, dataset, part: str, fraction: float = 0.01, seed: int = 0, sweep: bool | None = None):
         if part not in ('train', 'heldout'):
             raise ValueError(f"HeldOutSplit part must be 'train' or 'heldout', got {part!r}")
+        if sweep not in (None, True, False):
+            raise TypeError(f'HeldOutSplit sweep must be True, False or None, got {sweep!r}')
+        if sweep and not float(fraction) > 0.0:
+            raise ValueError(f'the sweep (model.sweep=True) chooses its head on held-out training data, but the '
+                             f'held-out fraction is {fraction}; set it above 0 (heads are never chosen on an '
+                             f'evaluation set)')
         self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
-        self.part, self.fraction, self.seed = part, float(fraction), int(seed)
+        self.sweep = sweep
+        self.part, self.fraction, self.seed = part, 0.0 if sweep is False else float(fraction), int(seed)
         heldout = stratified_holdout(np.asarray(self.dataset.labels), self.fraction, self.seed)
         if part == 'heldout':
             self.indices = heldout

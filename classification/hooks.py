@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 
@@ -13,6 +14,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from .datasets import HeldOutSplit
 from .feature_cache import prepare_feature_caches
 
 
@@ -42,7 +44,8 @@ class FeatureCacheHook(Hook):
 @HOOKS.register_module()
 class HeadSelectionHook(Hook):
     """Scores every head on a held-out part of the training split and makes the best one the model's prediction
-    head. Runs after each ``interval``-th epoch and after the last, before the CheckpointHook (priority
+    head, when the model is a sweep (``model.sweep=True``; the single head has nothing to choose and, under
+    ``ProbeRunner``, no held-out data). Runs after each ``interval``-th epoch and after the last, before the CheckpointHook (priority
     VERY_LOW) saves that epoch, so each checkpoint carries its selection. Never sees an evaluation set: its
     dataloader should be a ``HeldOutSplit(part='heldout')`` of the training data.
 
@@ -62,15 +65,26 @@ class HeadSelectionHook(Hook):
         self._loader = None
 
     def before_train(self, runner) -> None:
+        self._loader = None
+        model = _unwrap(runner.model)
+        sweep = bool(getattr(model, 'sweep', len(model.heads) > 1))
+        if not sweep:
+            train = getattr(runner.train_dataloader, 'dataset', None)
+            if not (isinstance(train, HeldOutSplit) and train.sweep is None and train.fraction > 0):
+                return  # the single head trains on the whole split (ProbeRunner): nothing to choose or score
+            # A runner that did not tie the split to model.sweep (plain Runner.from_cfg): score as configured.
+            print_log(f'the single head trains on {len(train)} of {len(train.dataset)} training images: the '
+                      "held-out split did not follow model.sweep (build the runner from the config's "
+                      "runner_type='ProbeRunner', e.g. with tools/train.py)", logger='current', level=logging.WARNING)
         cfg = self.dataloader_cfg or runner.cfg.get('heldout_dataloader')
         if cfg is None:
             raise ValueError('HeadSelectionHook needs a held-out dataloader: give it `dataloader=` or set the '
                              "config's top-level `heldout_dataloader`")
         self._loader = runner.build_dataloader(copy.deepcopy(cfg), seed=runner.seed)
-        model = _unwrap(runner.model)
-        if len(self._loader.dataset) == 0 and len(model.heads) > 1:
-            raise ValueError('HeadSelectionHook: the held-out split is empty, but a sweep of '
-                             f'{len(model.heads)} heads needs it to choose a head; set its fraction above 0')
+        if len(self._loader.dataset) == 0 and sweep:
+            raise ValueError('HeadSelectionHook: the held-out split is empty, but the sweep (model.sweep=True, '
+                             f'{len(model.heads)} heads) chooses its head on held-out training data, never on an '
+                             'evaluation set; set the held-out fraction above 0')
 
     def after_train_epoch(self, runner) -> None:
         if self.every_n_epochs(runner, self.interval) or self.is_last_train_epoch(runner):
@@ -104,6 +118,8 @@ class HeadSelectionHook(Hook):
         return 100.0 * totals[:-1] / totals[-1]
 
     def select(self, runner) -> None:
+        if self._loader is None:
+            return  # the single head, nothing held out: it stays the prediction head
         model = _unwrap(runner.model)
         top1 = self.heldout_top1(model)
         if torch.isnan(top1).all():

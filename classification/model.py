@@ -128,6 +128,7 @@ class LinearProbe(BaseModel):
         embed_dim = self.backbone.embed_dim
         self.heads = nn.ModuleList(ProbeHead(f, embed_dim, self.num_classes, v) for f, v in
                                    head_grid(feature, lr, sweep, sweep_lrs, sweep_features))
+        self.sweep = sweep  # the switch: HeadSelectionHook needs held-out data exactly when it is on
         self.summary_layers = max(head.feature.layers for head in self.heads)
         if self.summary_layers > self.backbone.depth:
             raise ValueError(f'a head needs the last {self.summary_layers} layers, but the backbone has '

@@ -1,6 +1,8 @@
 """Linear-probe building blocks on hand-built inputs: features, sweep heads, checkpoints, datasets, metrics, cache."""
+import copy
 import json
 import os
+import threading
 import types
 
 import numpy as np
@@ -12,8 +14,8 @@ import classification  # noqa: F401  (registers everything)
 from classification import (BackboneMismatchError, CachedFeatures, DatasetLayoutError, FeatureSpec, HeldOutSplit,
                             ImageNetAccuracy, ImageNetFileList, ImageNetFolder, ImageNetReaL, ImageNetV2Folder,
                             ImageReadError, LinearProbe, LinearProbeOptimWrapperConstructor, MultiSetTestLoop,
-                            StaleFeatureCacheError, format_results_table, probe_record, stratified_holdout,
-                            topk_hits)
+                            StaleFeatureCacheError, apply_sweep_switch, format_results_table, probe_record,
+                            stratified_holdout, topk_hits)
 from classification.heads import head_losses
 
 EVAL_56 = dict(type='ProbeEvalTransform', size=56)
@@ -283,6 +285,12 @@ def test_heldout_split_is_stratified_deterministic_and_disjoint(tmp_path):
     assert len(train) == 8 and len(held) == 2 and held.metainfo['name'] == 'IN-1K-heldout'
     assert sorted(train.indices.tolist() + held.indices.tolist()) == list(range(10))
     assert sorted(held.labels.tolist()) == [0, 1]
+    # Tied to the sweep switch: the single head holds nothing out, a sweep needs held-out data.
+    whole, none = HeldOutSplit(base, 'train', 0.2, sweep=False), HeldOutSplit(base, 'heldout', 0.2, sweep=False)
+    assert whole.indices.tolist() == list(range(10)) and len(none) == 0
+    assert HeldOutSplit(base, 'heldout', 0.2, sweep=True).indices.tolist() == held.indices.tolist()
+    with pytest.raises(ValueError, match='the sweep .* chooses its head on held-out training data'):
+        HeldOutSplit(base, 'heldout', 0.0, sweep=True)
 
 
 # ------------------------------------------------------------------------------------------------ feature cache
@@ -332,6 +340,38 @@ def test_feature_cache_extracts_once_resumes_and_refuses_stale(tmp_path):
         CachedFeatures(dict(source, pipeline=dict(type='ProbeTrainTransform', size=56)), **settings)
 
 
+def test_resumed_extraction_spreads_the_unfinished_shards_over_ranks(tmp_path, monkeypatch):
+    from classification import feature_cache
+
+    root = image_folder(tmp_path / 'train', ['n01', 'n02'], per_class=10)
+    source = dict(type='ImageNetFolder', root=str(root), pipeline=EVAL_56)
+    settings = dict(cache_dir=str(tmp_path / 'cache'), shard_size=4, extract_batch_size=4, extract_num_workers=0)
+    models = [tiny_probe(), tiny_probe()]  # the same weights; one per simulated rank
+    assert CachedFeatures(source, **settings).prepare(models[0]) == 20  # 5 shards
+    for shard in (0, 2, 4):  # interrupted where shard % 2 == 0: all on rank 0 under a fixed rank assignment
+        (tmp_path / 'cache' / f'shard_{shard:05d}.done').unlink()
+    # Two ranks as two threads: a real barrier, so a rank that listed the shards late would see other lists.
+    wait, rank = threading.Barrier(2).wait, threading.local()
+    monkeypatch.setattr(feature_cache, 'barrier', lambda: wait(timeout=120))
+    monkeypatch.setattr(feature_cache, 'get_dist_info', lambda: (rank.value, 2))
+    extracted, errors = {}, []
+
+    def run(r):
+        rank.value = r
+        try:
+            extracted[r] = CachedFeatures(source, **settings).prepare(models[r])
+        except BaseException as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert extracted == {0: 8, 1: 4}  # unfinished [0, 2, 4]: rank 0 takes 0 and 4, rank 1 takes 2
+
+
 # ------------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize('name, preset, size, dim', [
     ('internvit_6b_224_linear_probe_in1k', 'internvit_6b_224', 224, 6400),
@@ -358,6 +398,39 @@ def test_configs_hold_the_published_recipe(name, preset, size, dim):
     head = model.heads[0]
     assert (head.fc.in_features, head.fc.out_features, head.norm.eps, head.lr) == (dim, 1000, 1e-6, 0.1)
     assert model.backbone.depth == {'internvit_6b_224': 48, 'internvit_6b_448': 45, 'internvit_300m_448': 24}[preset]
+
+
+class _Labels(torch.utils.data.Dataset):
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_published_config_trains_on_all_of_train_and_the_sweep_switch_holds_out():
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', 'configs', 'classification',
+                                       'internvit_6b_224_linear_probe_in1k.py'))
+    assert cfg.runner_type == 'ProbeRunner'
+    base = _Labels(np.repeat(np.arange(1000), 100))  # 100 images per class
+
+    def parts(config):
+        config = copy.deepcopy(config)
+        assert apply_sweep_switch(config) == 2
+        return [HeldOutSplit(**{k: v for k, v in dict(loader.dataset, dataset=base).items() if k != 'type'})
+                for loader in (config.train_dataloader, config.heldout_dataloader)]
+
+    train, held = parts(cfg)  # published: one head, the whole IN-1K train split
+    assert (train.sweep, len(train), len(held)) == (False, len(base), 0)
+    cfg.merge_from_dict({'model.sweep': True})  # the one switch (--cfg-options model.sweep=True)
+    train, held = parts(cfg)
+    assert train.sweep and len(held) == 1000 and len(train) == len(base) - 1000  # 1% held out, stratified
+    assert not set(train.indices.tolist()) & set(held.indices.tolist())
+    cfg.merge_from_dict({'train_dataloader.dataset.fraction': 0.0, 'heldout_dataloader.dataset.fraction': 0.0})
+    with pytest.raises(ValueError, match='never on an evaluation set|held-out training data'):
+        parts(cfg)
 
 
 def test_cached_sweep_config_trains_heads_from_the_cache():

@@ -1,5 +1,6 @@
 """Linear probes end to end on a synthetic ImageNet with a tiny random InternViT: tools/train.py (one process and
 two gloo processes under torchrun), the one-pass sweep from the feature cache, and tools/test.py over every set."""
+import copy
 import glob
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from classification import probe_record
+from classification import ImageNetFolder, LinearProbe, probe_record, stratified_holdout
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(REPO, 'configs', 'classification', 'internvit_tiny_linear_probe_synthetic.py')
@@ -74,8 +75,11 @@ def test_published_recipe_learns_and_one_command_evaluates_every_set(workspace):
     assert not [k for k in state if k.startswith('backbone.')] and heads
     assert len(probe_record(state)['backbone']['sha256']) == 64
     assert os.path.getsize(checkpoint) < 200_000  # heads + BN (+ optimizer state), not the backbone
-    selection = json.loads((work_dir / 'heldout_selection.json').read_text())
-    assert selection['selected'] == 'cls_mean_lr0.1' and selection['heldout_size'] == 30
+    # The single published head trains on all of train (144 images, batch 16: 9 iterations per epoch) and
+    # holds nothing out: there is no head to choose.
+    assert not (work_dir / 'heldout_selection.json').exists()
+    scalars = sorted(glob.glob(str(work_dir / '*' / 'vis_data' / 'scalars.json')))[-1]
+    assert max(json.loads(line).get('iter', 0) for line in open(scalars)) == 4 * 9  # (with 30 held out: 4 * 8)
 
     test_main = runpy.run_path(osp.join(REPO, 'tools', 'test.py'))['main']
     metrics = test_main([CONFIG, str(checkpoint), '--work-dir', str(work_dir), '--cfg-options',
@@ -115,24 +119,50 @@ def test_two_gloo_processes_agree_with_one(workspace):
     assert moved > 1e-3  # the comparison below is between heads that trained
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert (json.loads((ddp_dir / 'heldout_selection.json').read_text())['heads'] ==
-            json.loads((single_dir / 'heldout_selection.json').read_text())['heads'])
     ddp_val, single_val = last_val_metrics(ddp_dir), last_val_metrics(single_dir)
     assert ddp_val['num_scored'] == single_val['num_scored'] == 29  # labeled ReaL images, each counted once
     assert ddp_val['top1'] == pytest.approx(single_val['top1'])
 
 
-def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspace):
+def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspace, monkeypatch):
     grid = ['model.sweep_lrs=[0.0001,0.1,3.0]', "model.sweep_features=['cls_mean','cls']", 'train_cfg.max_epochs=3']
-    runner = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep', *grid)
+    trained_on = set()  # dataset indices of every training batch
+    train_step = LinearProbe.train_step
+
+    def recording_train_step(self, data, optim_wrapper):
+        trained_on.update(data['data_samples']['indices'].tolist())
+        return train_step(self, data, optim_wrapper)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LinearProbe, 'train_step', recording_train_step)
+        runner = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep', *grid)
     # The backbone ran once per image: 144 train (incl. 30 held out) + 36 val, for 6 heads over 3 epochs.
     assert runner.model.backbone_images_processed == 144 + 36
     selection = json.loads((workspace / 'sweep' / 'heldout_selection.json').read_text())
-    scores = [h['heldout_top1'] for h in selection['heads']]
-    best = scores.index(max(scores))
-    assert selection['selected'] == selection['heads'][best]['name'] and selection['heldout_size'] == 30
-    assert int(runner.model.selected_head) == best
+    assert selection['heldout_size'] == 30 and selection['epoch'] == 3
+
+    # The held-out images (20 % per class, seed 0; computed here from the labels) never reached a training step,
+    # and every other train image did.
+    train_set = ImageNetFolder('data/synthetic_imagenet/train', dict(type='ProbeEvalTransform', size=56),
+                               classes='data/synthetic_imagenet/classes.txt')
+    labels = np.asarray(train_set.labels)
+    held = stratified_holdout(labels, 0.2, seed=0)
+    assert len(held) == 30 and not trained_on & set(held.tolist())
+    assert trained_on | set(held.tolist()) == set(range(144))
+
+    # Scores recomputed from the saved epoch-3 heads on the held-out features: the choice is their argmax.
     _, state = heads_of(workspace / 'sweep' / 'epoch_3.pth')
+    probe = copy.deepcopy(runner.model).eval()
+    probe.load_state_dict(state)
+    cache = 'work_dirs/feature_cache/internvit_tiny_synthetic/in1k_train'
+    features = np.concatenate([np.load(f) for f in sorted(glob.glob(f'{cache}/shard_*.npy'))])
+    with torch.no_grad():
+        predictions = probe.head_logits(torch.from_numpy(features[held]).float()).argmax(-1)
+    scores = (100.0 * (predictions == torch.from_numpy(labels[held])).double().mean(1)).tolist()
+    assert [h['heldout_top1'] for h in selection['heads']] == pytest.approx(scores, abs=1e-3)
+    best = scores.index(max(scores))
+    assert selection['selected'] == selection['heads'][best]['name'] == runner.model.heads[best].name
+    assert int(runner.model.selected_head) == best
     assert int(state['selected_head']) == best
     assert probe_record(state)['selection']['selected'] == selection['selected']
     tiny_lr = [h['heldout_top1'] for h in selection['heads'] if h['lr'] == 0.0001]

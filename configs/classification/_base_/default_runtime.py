@@ -1,5 +1,8 @@
 # MMEngine runtime for the linear probes (root registries; no mmpretrain).
 custom_imports = dict(imports=['backbones', 'classification'], allow_failed_imports=False)
+# ProbeRunner ties every HeldOutSplit to the sweep switch: model.sweep=False trains the single head on the whole
+# train split (nothing held out); model.sweep=True holds out `heldout_fraction` of it to choose the head.
+runner_type = 'ProbeRunner'
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
@@ -8,8 +11,8 @@ default_hooks = dict(
     # Probe checkpoints hold the heads and BN only (and the backbone's sha256), so keeping a few is cheap.
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_last=True),
     sampler_seed=dict(type='DistSamplerSeedHook'))
-# FeatureCacheHook prepares any CachedFeatures dataset before its loop; HeadSelectionHook scores every head on
-# `heldout_dataloader` (part of the training split) after each epoch and selects the best for prediction.
+# FeatureCacheHook prepares any CachedFeatures dataset before its loop; for a sweep, HeadSelectionHook scores every
+# head on `heldout_dataloader` (part of the training split) after each epoch and selects the best for prediction.
 custom_hooks = [dict(type='FeatureCacheHook'), dict(type='HeadSelectionHook', interval=1)]
 
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),

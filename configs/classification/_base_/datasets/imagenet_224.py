@@ -3,7 +3,9 @@
 # data/imagenet-a/<wnid>/, data/imagenet-r/<wnid>/, data/imagenet-sketch/sketch/<wnid>/.
 data_root = 'data/imagenet/'
 in1k_classes = data_root + 'train'  # the IN-1K class list: the train folders (or a text file of wnids)
-heldout_fraction = 0.01  # stratified part of train held out to choose the sweep's head (never an eval set)
+# Stratified part of train held out to choose the sweep's head (never an eval set). Only with model.sweep=True:
+# ProbeRunner (default_runtime.py) sets HeldOutSplit(sweep=model.sweep), so the single head trains on all of train.
+heldout_fraction = 0.01
 train_pipeline = dict(type='ProbeTrainTransform', size=224)  # RandomResizedCrop (bicubic) + flip
 eval_pipeline = dict(type='ProbeEvalTransform', size=224)  # resize shorter side to 224 (bicubic) + center crop
 

@@ -2,6 +2,8 @@
 # as imagenet_224.py, for tests and the CPU quick start.
 data_root = 'data/synthetic_imagenet/'
 in1k_classes = data_root + 'classes.txt'
+# Stratified part of train held out to choose the sweep's head (never an eval set). Only with model.sweep=True:
+# ProbeRunner (default_runtime.py) sets HeldOutSplit(sweep=model.sweep), so the single head trains on all of train.
 heldout_fraction = 0.2
 train_pipeline = dict(type='ProbeTrainTransform', size=56)
 eval_pipeline = dict(type='ProbeEvalTransform', size=56)
