@@ -6,7 +6,8 @@ Layout of a cache directory::
     shard_00000.npy        float32 (or float16) [n, L, 2, C]: cls and patch-mean of the last L layers
     shard_00000.done       written after its shard file is complete (json: count, seconds)
 
-Shards hold ``shard_size`` consecutive dataset indices and are spread over ranks round-robin; each rank writes
+Shards hold ``shard_size`` consecutive dataset indices; the unfinished ones are spread over ranks round-robin
+(so a resumed extraction is shared evenly too); each rank writes
 its shards through a memory map into a temporary file that is renamed when complete, then drops a done marker.
 An interrupted extraction resumes with the shards that have no marker. A manifest that differs from the current
 backbone (weights sha256, architecture, compute dtype), resolution, transform, normalization, dataset file list
@@ -151,7 +152,11 @@ class CachedFeatures(Dataset):
         barrier()
         self._check_manifest(expected)
         self._layers = expected['layers']
-        todo = [s for s in range(self.num_shards) if s % world == rank and not self._is_done(s)]
+        # Every rank lists the unfinished shards before any rank starts on them (so all see the same list), then
+        # takes every world-th of that list: a resumed extraction stays balanced, no rank idles at the barrier.
+        missing = [s for s in range(self.num_shards) if not self._is_done(s)]
+        barrier()
+        todo = missing[rank::world]
         extracted = 0
         if todo:
             print_log(f'feature cache {self.cache_dir}: rank {rank} extracts {len(todo)} of {self.num_shards} shards',
