@@ -17,11 +17,7 @@ from typing import Union
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.fileio import io as fileio_module
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from backbones.weights import _umask
 
 
 class AtomicLocalBackend(LocalBackend):

@@ -28,19 +28,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (Checkpo
                                                                          checkpoint_wrapper)
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from backbones.internvit import Block, InternViT
+from backbones.internvit import Block, InternViT, as_dtype
 from mmengine.logging import print_log
 
 from ._registry import register_everywhere
-
-
-def _dtype(name):
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f'unknown dtype {name!r}; use bfloat16, float16 or float32')
-    return value
 
 
 def block_wrap_policy(block_param_dtype=torch.bfloat16) -> CustomPolicy:
@@ -58,7 +49,8 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
 
     Args:
         module: the segmentor.
-        block_param_dtype: compute dtype of the blocks (``'bfloat16'``; ``None``/``'float32'`` for fp32).
+        block_param_dtype: compute dtype of the blocks (``'bfloat16'``/``'bf16'``, ``'float16'``/``'fp16'``;
+            ``None``/``'float32'`` for fp32), parsed by ``backbones.internvit.as_dtype``.
         device_id: the GPU of this rank (MMEngine passes ``LOCAL_RANK``); without CUDA the CPU is used.
         sharding_strategy, backward_prefetch: FSDP's, by name (``'FULL_SHARD'``, ``'BACKWARD_PRE'``).
         **kwargs: other ``FullyShardedDataParallel`` arguments (``limit_all_gathers``, ``sync_module_states``...).
@@ -81,7 +73,7 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
             self, module=module,
             sharding_strategy=ShardingStrategy[sharding_strategy],
             backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
-            auto_wrap_policy=block_wrap_policy(_dtype(block_param_dtype)),
+            auto_wrap_policy=block_wrap_policy(as_dtype(block_param_dtype)),
             device_id=device_id, use_orig_params=True, **kwargs)
         self._checkpoint_inside_units()
 
