@@ -88,3 +88,27 @@ class RankConsistencyHook(Hook):
                                    f'values of {names[first]}')
         print_log(f'RankConsistencyHook: {len(names)} parameters identical on all {dist.get_world_size()} ranks',
                   logger='current')
+
+
+@register_everywhere('HOOKS')
+class FinalWeightsHook(Hook):
+    """After training, also writes ``{work_dir}/weights_iter_{N}.pth``: the model's full state dict (plus meta), no
+    optimizer state, in the ordinary MMEngine checkpoint layout that ``tools/export_to_chat.py`` and
+    ``tools/test.py`` read.
+
+    Meant for DeepSpeed, whose regular checkpoints (``iter_N.pth/``) are DeepSpeed folders of ZeRO shards: with
+    ``save_optimizer=False`` MMEngine's ``DeepSpeedStrategy`` writes a plain file instead, gathering ZeRO-3's
+    partitioned weights, which needs ``zero_optimization.stage3_gather_16bit_weights_on_model_save=True`` (the
+    weights are then 16-bit, bf16 under ``bf16.enabled``). Every rank must run it (the gathering is collective).
+    """
+
+    priority = 'VERY_LOW'
+
+    def __init__(self, filename_tmpl: str = 'weights_iter_{}.pth'):
+        self.filename_tmpl = filename_tmpl
+
+    def after_train(self, runner) -> None:
+        filename = self.filename_tmpl.format(runner.iter)
+        runner.save_checkpoint(runner.work_dir, filename, save_optimizer=False, save_param_scheduler=False,
+                               by_epoch=False)
+        print_log(f'FinalWeightsHook: wrote {osp.join(runner.work_dir, filename)} (weights only)', logger='current')

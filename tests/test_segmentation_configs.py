@@ -97,6 +97,10 @@ def test_backbone_builds_on_meta_as_published(name):
         assert sum(isinstance(m, Block) for m in model.modules()) == PRESETS[preset].depth  # FSDP units
     if runner == 'DeepSpeedStrategy':
         assert cfg.strategy.zero_optimization.stage == 3 and cfg.strategy.bf16.enabled
+        # regular checkpoints are DeepSpeed folders; the hook writes an exportable plain file at the end, which
+        # MMEngine's DeepSpeedStrategy can only do with ZeRO-3's 16-bit gathering on save
+        assert cfg.strategy.zero_optimization.stage3_gather_16bit_weights_on_model_save
+        assert [h.type for h in cfg.custom_hooks] == ['FinalWeightsHook']
     if 'fewshot' in name:
         n = int(name.split('1of')[1].split('_')[0])
         assert cfg.train_dataloader.dataset.fraction == pytest.approx(1 / n)

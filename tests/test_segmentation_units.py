@@ -253,3 +253,18 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         backend.put(b'new checkpoint, cut short', str(target))
     assert target.read_bytes() == b'old checkpoint'  # the previous file is intact
     assert os.listdir(tmp_path) == ['iter_2.pth']  # and no partial file is left
+
+
+def test_final_weights_hook_saves_weights_only_after_training(tmp_path):
+    from segmentation.hooks import FinalWeightsHook
+    calls = []
+
+    class FakeRunner:
+        work_dir, iter = str(tmp_path), 80000
+
+        def save_checkpoint(self, out_dir, filename, **kwargs):
+            calls.append((out_dir, filename, kwargs))
+
+    FinalWeightsHook().after_train(FakeRunner())
+    assert calls == [(str(tmp_path), 'weights_iter_80000.pth',
+                      dict(save_optimizer=False, save_param_scheduler=False, by_epoch=False))]

@@ -1,6 +1,17 @@
 # Full tuning of InternViT-6B + UperNet with DeepSpeed ZeRO-3 instead of FSDP (needs `pip install deepspeed`).
 # DeepSpeed's bf16 mode runs the whole model (heads too) in bf16 with fp32 master weights in the optimizer.
 #   bash tools/dist_train.sh configs/segmentation/internvit_6b_upernet_full_ade20k_504_80k_deepspeed.py 8
+# Checkpoints: the regular ones (`iter_N.pth/`, every 8k iterations) are DeepSpeed folders (ZeRO-3 shards with the
+# optimizer state) for `--resume`; tools/export_to_chat.py and tools/test.py cannot read them. At the end of training
+# FinalWeightsHook also writes `weights_iter_80000.pth`, an ordinary MMEngine checkpoint of the whole model in bf16
+# (MMEngine's DeepSpeedStrategy saves without optimizer state as a plain file, gathering the ZeRO-3 partitions; this
+# needs stage3_gather_16bit_weights_on_model_save=True below):
+#   python tools/export_to_chat.py work_dirs/<run>/weights_iter_80000.pth OUT
+# For a regular (intermediate) checkpoint, consolidate the ZeRO shards first with DeepSpeed's zero_to_fp32 (fp32
+# weights; the keys are the segmentor's, `backbone.` prefixed). The checkpoint dir is the work dir, the tag the folder:
+#   python -c "import torch; from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as g; \
+#     torch.save({'state_dict': g('work_dirs/<run>', tag='iter_8000.pth')}, 'iter_8000_fp32.pth')"
+# (DeepSpeed also copies its zero_to_fp32.py script into the work dir: `python zero_to_fp32.py WORK_DIR OUT -t TAG`.)
 _base_ = ['../_base_/models/internvit_6b_upernet.py', '../_base_/datasets/ade20k_504.py',
           '../_base_/default_runtime.py', '../_base_/schedules/schedule_80k.py']
 model = dict(backbone=dict(frozen=False, dtype='bfloat16', drop_path_rate=0.4, grad_checkpointing=True))
@@ -16,3 +27,4 @@ strategy = dict(
     bf16=dict(enabled=True),
     train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
     inputs_to_half=['inputs'])  # images enter the bf16 model in bf16
+custom_hooks = [dict(type='FinalWeightsHook')]  # exportable weights_iter_80000.pth at the end (see above)
