@@ -64,6 +64,10 @@ PRESETS: dict[str, InternViTArch] = {
 
 ATTN_IMPLS = ('sdpa', 'eager', 'flash_attn')
 
+# Input normalization of every published InternViT (RGB in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def resolve_arch(preset: str | InternViTArch | None = None, **overrides) -> InternViTArch:
     """A preset by name (or an arch) with any field overridden; no preset means every shape field is given."""

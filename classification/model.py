@@ -15,14 +15,14 @@ from mmengine.model import BaseDataPreprocessor, BaseModel
 from mmengine.registry import MODELS
 from torch import nn
 
+from backbones.internvit import IMAGENET_MEAN, IMAGENET_STD
+
 from .backbone_identity import backbone_identity
 from .heads import FeatureSpec, ProbeHead, head_losses, summarize_tokens
 
 # A 13-point log grid around the published lr 0.1 (per 512 images), and the feature choices worth comparing.
 DEFAULT_SWEEP_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 DEFAULT_SWEEP_FEATURES = ('cls_mean', 'cls', 'mean', 'cls_mean_last4')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = 'internvit-linear-probe/1'
 
 
