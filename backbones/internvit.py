@@ -6,6 +6,7 @@ Parameter names follow the Hugging Face ``InternVisionModel`` layout exactly (``
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import math
 from dataclasses import asdict, replace
@@ -16,8 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
 
 from .arch_config import arch_for_weights
 from .dtypes import as_dtype
@@ -25,6 +24,8 @@ from .loading import load_into_model
 from .pos_embed import resample_pos_embed
 from .presets import InternViTArch, resolve_arch
 from .reading import read_weights
+
+logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ('sdpa', 'eager', 'flash_attn')
 
@@ -195,7 +196,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(arch, rate, attn_impl) for rate in rates)
 
 
-class InternViT(BaseModule):
+class InternViT(nn.Module):
     """InternViT backbone.
 
     Args:
@@ -251,7 +252,7 @@ class InternViT(BaseModule):
         else:
             self._init_parameters()
             if pretrained is not None:
-                print_log(f'InternViT built on the meta device: {pretrained} is not loaded', logger='current')
+                logger.info(f'InternViT built on the meta device: {pretrained} is not loaded')
         self._apply_dtype_and_freeze()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -295,8 +296,8 @@ class InternViT(BaseModule):
             self.train(False)
 
     def init_weights(self):
-        # Weights (pretrained or random) are set at construction; MMEngine's runner must not redo them.
-        self._is_init = True
+        """Nothing to do: weights (pretrained or random) are set at construction. Frameworks that call
+        ``init_weights()`` on every submodule after building (MMEngine's runner) must not redo them."""
 
     def train(self, mode: bool = True):
         return super().train(False if self.frozen else mode)
@@ -308,8 +309,7 @@ class InternViT(BaseModule):
         ``backbones.loading.load_into_model``)."""
         weights = read_weights(path)
         load_into_model(self, weights.state_dict, source=str(path), strict=strict)
-        print_log(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)',
-                  logger='current')
+        logger.info(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)')
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> 'InternViT':

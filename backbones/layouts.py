@@ -14,13 +14,15 @@ A new layout is one more entry in ``LAYOUTS``.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
-from mmengine.logging import print_log
+
+logger = logging.getLogger(__name__)
 
 __all__ = ['Weights', 'WeightsError', 'LAYOUTS', 'Layout', 'CANONICAL_NAMES', 'detect_layout', 'to_canonical', 'from_canonical']
 
@@ -193,8 +195,8 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     prefix, layout, selected, ignored = _plan(tensors)
     if ignored:
-        print_log(f'InternViT weights: ignored {len(ignored)} tensors outside the backbone: '
-                  f'{_describe_groups(ignored)}', logger='current')
+        logger.info(f'InternViT weights: ignored {len(ignored)} tensors outside the backbone: '
+                  f'{_describe_groups(ignored)}')
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, list] = {}
     for key in selected:

@@ -1,14 +1,16 @@
 """Strict loading of a state dict (any layout) into an InternViT: everything is checked before anything is copied."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping
 
 import torch
-from mmengine.logging import print_log
 
 from .layouts import _LAYER_RE, POS_KEY, WeightsError, _detect_or_none, _few, _layer_indices, to_canonical
 from .pos_embed import resample_pos_embed
+
+logger = logging.getLogger(__name__)
 
 __all__ = ['load_into_model']
 
@@ -23,8 +25,7 @@ def _resample_to_grid(sd: dict[str, torch.Tensor], grid: int, source: str, dtype
     except ValueError as err:
         raise WeightsError(f'{source}: {POS_KEY}: {err}') from None
     old = math.isqrt(pos.shape[1] - 1)
-    print_log(f'{source}: position embedding resampled from a {old}x{old} to a {grid}x{grid} grid (bicubic)',
-              logger='current')
+    logger.info(f'{source}: position embedding resampled from a {old}x{old} to a {grid}x{grid} grid (bicubic)')
     sd[POS_KEY] = resampled.to(dtype or pos.dtype)
 
 
@@ -37,8 +38,8 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
         if strict:
             raise WeightsError(f'{source}: the checkpoint has {layers[-1] + 1} layers but the model has {depth}; '
                                f'pass strict=False to load the first {depth} and drop layers {depth}-{layers[-1]}')
-        print_log(f'{source}: dropped layers {depth}-{layers[-1]} of the checkpoint ({len(extra)} tensors); '
-                  f'the model has {depth} layers', logger='current')
+        logger.info(f'{source}: dropped layers {depth}-{layers[-1]} of the checkpoint ({len(extra)} tensors); '
+                  f'the model has {depth} layers')
         sd = {k: v for k, v in sd.items() if k not in set(extra)}
     loadable = [k for k in sd if k in expected]
     if not loadable:
@@ -59,7 +60,7 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
     if problems:
         if strict:
             raise WeightsError(f'{source}: ' + '; '.join(problems))
-        print_log(f'{source} (strict=False): ' + '; '.join(problems), logger='current', level=30)
+        logger.warning(f'{source} (strict=False): ' + '; '.join(problems))
     return {k: sd[k] for k in loadable}
 
 

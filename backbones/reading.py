@@ -16,6 +16,7 @@ the file is executed. Any other global is refused.
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 import pickle
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from mmengine.logging import print_log
 
 from .arch_config import vision_config_of
 from .layouts import Weights, WeightsError, _describe_groups, _plan, to_canonical
+
+logger = logging.getLogger(__name__)
 
 __all__ = ['read_weights', 'safe_torch_load', 'weight_files', 'read_tensors']
 
@@ -100,8 +102,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                 raise
             with torch.serialization.safe_globals([(_Opaque, n) for n in names]):
                 obj = torch.load(path, **kwargs)
-            print_log(f'{path}: non-tensor objects ({", ".join(sorted(names))}) were not unpickled '
-                      f'(replaced by inert stand-ins); tensors read with weights_only=True', logger='current')
+            logger.info(f'{path}: non-tensor objects ({", ".join(sorted(names))}) were not unpickled '
+                      f'(replaced by inert stand-ins); tensors read with weights_only=True')
             return obj
     except pickle.UnpicklingError as err:
         if not any(sign in str(err) for sign in _REFUSALS):
@@ -166,8 +168,7 @@ def _backbone_keys(keys: Iterable[str], path: Path, what: str = 'backbone') -> l
     except WeightsError as err:
         raise _checkpoint_error(path, err) from None
     if ignored:
-        print_log(f'{path}: ignored {len(ignored)} tensors outside the {what}: {_describe_groups(ignored)}',
-                  logger='current')
+        logger.info(f'{path}: ignored {len(ignored)} tensors outside the {what}: {_describe_groups(ignored)}')
     return selected
 
 
@@ -177,7 +178,7 @@ def _read_file(path: Path) -> Weights:
     else:
         everything, trail = _unwrap(safe_torch_load(path), path)
         if trail:
-            print_log(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}", logger='current')
+            logger.info(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}")
         try:
             tensors = {k: everything[k] for k in _backbone_keys(everything, path)}
         except WeightsError as err:
@@ -260,8 +261,8 @@ def _read_dir(directory: Path) -> Weights:
     selected = _backbone_keys(files, directory, 'vision backbone')
     shards = sorted({files[k].name for k in selected})
     if len(set(files.values())) > 1:
-        print_log(f'{directory}: reading {len(selected)} vision tensors from {len(shards)} of '
-                  f'{len(set(files.values()))} weight files', logger='current')
+        logger.info(f'{directory}: reading {len(selected)} vision tensors from {len(shards)} of '
+                  f'{len(set(files.values()))} weight files')
     sd, layout = to_canonical(read_tensors(files, selected))
     return Weights(sd, vision_config_of(config), layout, str(directory))
 

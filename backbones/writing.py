@@ -1,6 +1,7 @@
 """Writing InternViT weights: HF ``InternVisionModel`` and native directories, and a chat checkpoint with new vision tensors."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import replace
@@ -8,7 +9,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from mmengine.logging import print_log
 
 from .arch_config import _square, hf_config_from_arch, native_config_from_arch, vision_config_of
 from .atomic import _refuse_existing, _umask, atomic_dir, json_dump
@@ -19,6 +19,8 @@ from .layouts import (WeightsError, _canonical_names, _detect_or_none, _few, _la
 from .loading import _check, _resample_to_grid
 from .presets import InternViTArch
 from .reading import _checkpoint_error, _read_config, _safetensors_error, _tensor_specs, safe_torch_load, weight_files
+
+logger = logging.getLogger(__name__)
 
 __all__ = ['write_hf', 'write_hf_native', 'write_into_chat', 'save_safetensors_shards']
 
@@ -76,7 +78,7 @@ def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out / file)
         weight_map.update({n: file for n in shard})
-        print_log(f'wrote {out.name}/{file} ({len(shard)} tensors)', logger='current')
+        logger.info(f'wrote {out.name}/{file} ({len(shard)} tensors)')
     index = out / 'model.safetensors.index.json'
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -106,8 +108,8 @@ def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_di
     with atomic_dir(out, overwrite) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
-    print_log(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
-              f'{config["torch_dtype"]})', logger='current')
+    logger.info(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
+              f'{config["torch_dtype"]})')
     return out
 
 
@@ -132,7 +134,7 @@ def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
     with atomic_dir(out, overwrite) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
-    print_log(f'wrote native InternVLVisionModel directory {out}', logger='current')
+    logger.info(f'wrote native InternVLVisionModel directory {out}')
     return out
 
 
@@ -207,12 +209,11 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
             if item in touched:
                 _rewrite_weight_file(item, target, {k: new[k].to(specs[k][1]) for k in specs if files[k] == item})
                 shutil.copymode(item, target)
-                print_log(f'rewrote {rel} (vision tensors replaced)', logger='current')
+                logger.info(f'rewrote {rel} (vision tensors replaced)')
             else:
                 shutil.copyfile(item, target)  # follows symlinks (HF cache snapshots): a real copy
                 shutil.copystat(item, target)
-        print_log(f'copied {chat} with {len(specs)} vision tensors replaced in {len(touched)} weight file(s)',
-                  logger='current')
+        logger.info(f'copied {chat} with {len(specs)} vision tensors replaced in {len(touched)} weight file(s)')
     return out
 
 

@@ -17,6 +17,7 @@ end, and refuses an existing target unless ``overwrite=True``.
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 import re
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from mmengine.logging import print_log
 from torch import nn
 
 from backbones import InternViT
@@ -38,6 +38,8 @@ from backbones.writing import save_safetensors_shards
 
 from .model import ChatSettings, InternVLChatModel
 from .tokenization import IMAGE_TOKENS, bind_tokenizer, prepare_tokenizer
+
+logger = logging.getLogger(__name__)
 
 VISION_PREFIX, PROJECTOR_PREFIX, LLM_PREFIX = 'vision_model.', 'mlp1.', 'language_model.'
 DEFAULT_SHARD_BYTES = 5 * 2 ** 30
@@ -160,7 +162,7 @@ def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation:
         message = f'{root}: {len(other)} tensors outside vision_model./mlp1./language_model.: {", ".join(other[:5])}'
         if strict:
             raise ChatCheckpointError(message + ' (pass strict=False to ignore them)')
-        print_log(message + ' (ignored)', logger='current', level=30)
+        logger.warning(message + ' (ignored)')
     for prefix, keys in groups.items():
         if not keys:
             raise ChatCheckpointError(f'{root} has no {prefix}* tensors: not a complete InternVL-Chat checkpoint')
@@ -172,9 +174,9 @@ def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation:
     load_projector(model, _strip(read_tensors(files, groups[PROJECTOR_PREFIX]), PROJECTOR_PREFIX), source=str(root))
     model.to(dtype)
     model.eval()
-    print_log(f'loaded InternVL-Chat from {root}: vision {vision.depth} layers x {vision.embed_dim}, '
+    logger.info(f'loaded InternVL-Chat from {root}: vision {vision.depth} layers x {vision.embed_dim}, '
               f'LLM {type(llm).__name__}, {model.num_image_token} tokens per {model.image_size}px tile, '
-              f'template {settings.template}, {dtype}', logger='current')
+              f'template {settings.template}, {dtype}')
     return model
 
 
@@ -248,7 +250,7 @@ def build_from_parts(backbone: str | os.PathLike | InternViT, llm: str | os.Path
     model = InternVLChatModel(vision, language_model, settings)
     added = prepare_tokenizer(tokenizer, settings.template, model)
     if added:
-        print_log(f'added tokens {", ".join(added)} to the tokenizer ({len(tokenizer)} tokens)', logger='current')
+        logger.info(f'added tokens {", ".join(added)} to the tokenizer ({len(tokenizer)} tokens)')
     if projector is not None:
         root = Path(projector)
         files = weight_map(root)
@@ -330,6 +332,5 @@ def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tok
     else:
         with atomic_dir(out, overwrite) as tmp:
             write(tmp)
-    print_log(f'wrote InternVL-Chat checkpoint {out} ({len(tensors)} tensors, {config["torch_dtype"]})',
-              logger='current')
+    logger.info(f'wrote InternVL-Chat checkpoint {out} ({len(tensors)} tensors, {config["torch_dtype"]})')
     return out

@@ -27,6 +27,7 @@ the reason. ``on_bad_record='skip'`` leaves them out and logs a summary (and wri
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 from collections import Counter
@@ -35,13 +36,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from mmengine.logging import print_log
 from PIL import Image
 
 from .conversation import ASSISTANT, USER, get_template
 from .model import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, image_token_text
 from .preprocess import count_tiles, load_image
 from .tokenization import pad_token_id
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ROLES = {'human': USER, 'user': USER, 'gpt': ASSISTANT, 'assistant': ASSISTANT}
@@ -352,16 +354,15 @@ class SFTDataset(torch.utils.data.Dataset):
                    f'{len(self.bad_records)} bad (skipped)')
         if truncated:
             message += f', {len(truncated)} truncated to fit max_length {self.max_length} (trailing rounds dropped)'
-        print_log(message, logger='current')
+        logger.info(message)
         if self.bad_records:
             reasons = Counter(b.reason.split(':')[0] for b in self.bad_records)
-            print_log('bad records by reason: ' + ', '.join(f'{r} ({n})' for r, n in reasons.most_common()),
-                      logger='current', level=30)
+            logger.warning('bad records by reason: ' + ', '.join(f'{r} ({n})' for r, n in reasons.most_common()))
             for bad in self.bad_records[:20]:
-                print_log(f'bad record: {bad}', logger='current', level=30)
+                logger.warning(f'bad record: {bad}')
             if len(self.bad_records) > 20:
-                print_log(f'... and {len(self.bad_records) - 20} more bad records'
-                          + (f' (all in {report_file})' if report_file else ''), logger='current', level=30)
+                logger.warning(f'... and {len(self.bad_records) - 20} more bad records'
+                          + (f' (all in {report_file})' if report_file else ''))
         if report_file is not None:
             path = Path(report_file)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ the published layout, with the tokenizer; ``--resume_from_checkpoint latest`` co
 """
 from __future__ import annotations
 
+import logging
 import importlib.util
 import json
 import sys
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from mmengine.logging import print_log
 
 from .checkpoint import build_from_parts, load_chat_model, load_tokenizer, save_chat_model
 from .data import ON_BAD_RECORD, TRUNCATION, SFTCollator, SFTDataset
 from .model import ChatSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,8 +106,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments):
                              f'{model.settings.downsample_ratio}: the projector input width would not match')
         for name, value in overrides.items():
             if getattr(model.settings, name) != value:
-                print_log(f'setting {name}: {getattr(model.settings, name)!r} -> {value!r} (command line)',
-                          logger='current')
+                logger.info(f'setting {name}: {getattr(model.settings, name)!r} -> {value!r} (command line)')
                 setattr(model.settings, name, value)
         ChatSettings(**model.settings.to_config())  # re-validate
     elif model_args.vision_path and model_args.llm_path:
@@ -120,7 +121,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments):
                                  unfreeze_backbone_last=model_args.unfreeze_vit_layers)
     if not any(counts.values()):
         raise ValueError('every part is frozen: nothing to train')
-    print_log('trainable parameters: ' + ', '.join(f'{k} {v:,}' for k, v in counts.items()), logger='current')
+    logger.info('trainable parameters: ' + ', '.join(f'{k} {v:,}' for k, v in counts.items()))
     return model, tokenizer
 
 
@@ -177,7 +178,7 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training_args)
     metrics = dict(result.metrics, num_examples=len(dataset), num_bad_records=len(dataset.bad_records))
     if losses:
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
-    print_log(f'SFT done: {json.dumps(metrics)}; model in {out}', logger='current')
+    logger.info(f'SFT done: {json.dumps(metrics)}; model in {out}')
     return metrics
 
 
@@ -222,6 +223,8 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    if not logging.getLogger().handlers:  # a command-line run: show the progress lines of chat and backbones
+        logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
     return run_sft(*parse_args(argv))
 
 

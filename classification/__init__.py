@@ -1,9 +1,9 @@
 """ImageNet linear probes on a frozen InternViT (MMEngine): model and sweep, feature cache, datasets, metrics.
 
 Importing the package registers everything in MMEngine's root registries (configs use
-``custom_imports=dict(imports=['backbones', 'classification'])``).
+``custom_imports=dict(imports=['mm_adapter', 'classification'])``).
 """
-import backbones  # noqa: F401  (registers InternViT; installs the mmcv shim first)
+import mm_adapter  # noqa: F401  (registers InternViT in MMEngine's registry)
 
 from .backbone_identity import backbone_identity, weights_sha256
 from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, ImageNetFolder, ImageNetReaL,

@@ -251,14 +251,6 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
 
 
-def test_registered_in_root_and_mmseg_registries():
-    from mmengine.registry import MODELS as ROOT
-    from mmseg.registry import MODELS as MMSEG
-    for registry in (ROOT, MMSEG):
-        model = registry.build(dict(type='InternViT', preset='internvit_tiny', out_indices=[1], frozen=True))
-        assert isinstance(model, InternViT) and model.frozen and model.out_indices == [1]
-
-
 def test_unknown_dtype_and_attention_are_errors():
     with pytest.raises(ValueError, match="unknown dtype 'bfloat15'"):
         tiny(dtype='bfloat15')

@@ -51,7 +51,7 @@ def test_every_published_setting_has_a_config():
 @pytest.mark.parametrize('path', ALL_CONFIGS, ids=name_of)
 def test_config_respects_patch_size_and_recipe(path):
     cfg = Config.fromfile(path)
-    assert cfg.custom_imports == dict(imports=['backbones', 'segmentation'], allow_failed_imports=False)
+    assert cfg.custom_imports == dict(imports=['mm_adapter', 'segmentation'], allow_failed_imports=False)
     pre = cfg.model.data_preprocessor
     assert all(s % 14 == 0 for s in pre.size), pre.size
     assert pre.test_cfg == dict(size_divisor=14)

@@ -238,23 +238,6 @@ def test_inference_pads_odd_sizes_to_the_patch_size(mode):
     assert torch.isfinite(outputs[0].seg_logits.data).all()
 
 
-def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    from mmengine.fileio import get_file_backend
-    from segmentation.atomic_io import AtomicLocalBackend
-    target = tmp_path / 'iter_2.pth'
-    backend = get_file_backend(str(target))
-    assert isinstance(backend, AtomicLocalBackend)  # MMEngine's backend for local paths
-    backend.put(b'old checkpoint', str(target))
-
-    def crash(*args):
-        raise OSError('disk full')
-    monkeypatch.setattr(os, 'replace', crash)
-    with pytest.raises(OSError, match='disk full'):
-        backend.put(b'new checkpoint, cut short', str(target))
-    assert target.read_bytes() == b'old checkpoint'  # the previous file is intact
-    assert os.listdir(tmp_path) == ['iter_2.pth']  # and no partial file is left
-
-
 def test_final_weights_hook_saves_weights_only_after_training(tmp_path):
     from segmentation.hooks import FinalWeightsHook
     calls = []

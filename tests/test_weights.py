@@ -61,16 +61,18 @@ def ln():
 
 @pytest.fixture
 def logs():
-    """Text logged through mmengine's current logger during the test."""
+    """Text logged by the backbones package (standard logging) during the test."""
     import io
     import logging
-    from mmengine.logging import MMLogger
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    logger = MMLogger.get_current_instance()
+    logger = logging.getLogger('backbones')
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     yield stream.getvalue
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def images(size=56, n=2, seed=0):

@@ -20,6 +20,7 @@ outputs and the source model's on a random batch.
 from __future__ import annotations
 
 import argparse
+import logging
 import importlib.util
 import json
 import sys
@@ -153,6 +154,8 @@ def verify(weights, arch, out: Path, image_size: int, batch: int) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not logging.getLogger().handlers:  # show what the weight code reports (resampling, files written)
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='[%(name)s] %(message)s')
     try:
         return export(args)
     except (WeightsError, FileExistsError, FileNotFoundError) as err:

@@ -6,7 +6,7 @@
 
 The runner is MMEngine's ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` with an FSDP or DeepSpeed
 ``strategy`` for full tuning of InternViT-6B). Without CUDA the run is adapted to the CPU (fp32, gloo); see
-``segmentation/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``backbones.compat``). A work
+``mm_adapter/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``mm_adapter.compat``). A work
 dir that already holds a run is only reused with ``--resume`` or ``--overwrite``; checkpoints are written atomically.
 """
 import argparse
@@ -16,11 +16,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
 
-import backbones  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT registration)
+import mm_adapter  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT registration)
+from mm_adapter.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
+                                trust_work_dir)
 from mmengine.config import Config, DictAction  # noqa: E402
-
-from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
-                                  trust_work_dir)
 
 
 def parse_args(argv=None):

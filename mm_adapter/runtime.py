@@ -16,6 +16,9 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from .atomic_io import install_atomic_local_backend
+from .compat import trust_checkpoints_in
+
 HALF_DTYPES = ('bfloat16', 'bf16', 'float16', 'fp16', 'half', 'torch.bfloat16', 'torch.float16')
 
 
@@ -121,6 +124,7 @@ def init_distributed_without_cuda(launcher: str) -> None:
 
 
 def build_runner(cfg: Config):
+    install_atomic_local_backend()  # this run's checkpoints and last_checkpoint pointer are written atomically
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)
@@ -129,6 +133,5 @@ def build_runner(cfg: Config):
 
 
 def trust_work_dir(cfg: Config) -> str:
-    """Full unpickling only for checkpoints inside this run's work dir (see ``backbones.compat``)."""
-    from backbones.compat import trust_checkpoints_in
+    """Full unpickling only for checkpoints inside this run's work dir (see ``mm_adapter.compat``)."""
     return trust_checkpoints_in(cfg.work_dir)

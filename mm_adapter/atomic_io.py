@@ -4,7 +4,7 @@ MMEngine writes checkpoints through its file backend (``fileio.put``), whose loc
 writes in place: a crash or a full disk mid-write leaves a truncated ``iter_N.pth`` that ``--resume`` then picks.
 :class:`AtomicLocalBackend` writes to a temporary file in the same folder, flushes it to disk and renames it over
 the target (``os.replace``, atomic on POSIX). It replaces MMEngine's ``'local'`` backend (the one used for paths
-without a ``scheme://`` prefix) when ``segmentation`` is imported; reads are unchanged.
+without a ``scheme://`` prefix) when a run is built (``mm_adapter.runtime.build_runner``); reads are unchanged.
 """
 from __future__ import annotations
 
