@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .arch_config import arch_for_weights
 from .dtypes import as_dtype
-from .loading import load_into_model
+from .layouts import Weights
+from .loading import build_and_load, load_into_model
 from .pos_embed import resample_pos_embed
 from .presets import InternViTArch, resolve_arch
 from .reading import read_weights
@@ -203,7 +204,8 @@ class InternViT(nn.Module):
         preset: a name from ``PRESETS`` (``internvit_6b_224``, ``internvit_6b_448``, ``internvit_300m_448``, ...)
             or None to give every shape field (``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``) yourself.
         arch_overrides: any ``InternViTArch`` field, e.g. ``depth=45`` or ``img_size=448``.
-        pretrained: a checkpoint path in any layout ``backbones.reading.read_weights`` reads; loaded at construction
+        pretrained: a checkpoint path in any layout ``backbones.reading.read_weights`` reads (or its ``Weights``);
+            loaded at construction
             (except on the meta device). A file that loads nothing into the model is an error.
         out_indices: layers whose outputs ``forward`` returns (negative counts from the end); None returns
             ``forward_features`` (the final tokens).
@@ -216,7 +218,7 @@ class InternViT(nn.Module):
         grad_checkpointing: recompute each block in backward (activation checkpointing).
     """
 
-    def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | None = None,
+    def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | Weights | None = None,
                  out_indices: Iterable[int] | None = None, output_format: str = 'nchw', with_cls: bool = False,
                  frozen: bool = False, dtype: str | torch.dtype | None = None, attn_impl: str = 'sdpa',
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, init_cfg=None,
@@ -232,7 +234,7 @@ class InternViT(nn.Module):
         self.compute_dtype = as_dtype(dtype)
         self.grad_checkpointing = grad_checkpointing
         self.drop_path_rate = drop_path_rate
-        self.pretrained = pretrained
+        self.pretrained = pretrained.source if isinstance(pretrained, Weights) else pretrained
 
         if init_cfg is not None:
             # MMEngine would apply it after construction, possibly over loaded weights, or ignore a bad path.
@@ -240,22 +242,27 @@ class InternViT(nn.Module):
                              f'pretrained=PATH, which is loaded and checked at construction')
 
         target = torch.get_default_device()
-        skip_init = pretrained is not None and target.type != 'meta'
-        # With pretrained weights, build without initializing (a 6B model's random init takes minutes and
-        # the strict load below overwrites every tensor), then allocate and load.
-        with torch.device('meta') if skip_init else contextlib.nullcontext():
-            self.embeddings = Embeddings(self.arch)
-            self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
-        if skip_init:
-            self.to_empty(device=target)
-            self.load_pretrained(pretrained)
+        if pretrained is not None and target.type != 'meta':
+            # Built without initializing (a 6B model's random init takes minutes and the strict load overwrites
+            # every tensor); each tensor is then allocated once, in the compute dtype, from the checkpoint.
+            weights = pretrained if isinstance(pretrained, Weights) else read_weights(pretrained)
+            build_and_load(lambda: self._build_modules(drop_path_rate, attn_impl), weights.state_dict,
+                           source=weights.source, dtype=self.compute_dtype, device=target)
+            logger.info(f'InternViT: loaded {len(weights.state_dict)} tensors from {weights.source} '
+                        f'({weights.layout} layout)')
         else:
+            self._build_modules(drop_path_rate, attn_impl)
             self._init_parameters()
             if pretrained is not None:
-                logger.info(f'InternViT built on the meta device: {pretrained} is not loaded')
+                logger.info(f'InternViT built on the meta device: {self.pretrained} is not loaded')
         self._apply_dtype_and_freeze()
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _build_modules(self, drop_path_rate: float, attn_impl: str) -> 'InternViT':
+        self.embeddings = Embeddings(self.arch)
+        self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
+        return self
+
     @property
     def depth(self) -> int:
         return len(self.encoder.layers)
@@ -312,23 +319,19 @@ class InternViT(nn.Module):
         logger.info(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)')
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> 'InternViT':
+    def from_pretrained(cls, path: str, *, device: torch.device | str | None = None, **kwargs) -> 'InternViT':
         """Build the model a checkpoint describes (its HF config.json where there is one) and load its weights.
 
-        Keyword arguments go to the constructor (``frozen``, ``dtype``, ``out_indices``, ``img_size`` ...).
+        No random initialisation: the model is built on the meta device and each tensor is placed once, in
+        ``dtype`` on ``device`` (default: the current default device). Other keyword arguments go to the
+        constructor (``frozen``, ``dtype``, ``out_indices``, ``img_size`` ...).
         """
         weights = read_weights(path)
         arch_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in InternViTArch.__dataclass_fields__}
         arch = arch_for_weights(weights, num_heads=arch_fields.pop('num_heads', None))
         arch = replace(arch, **arch_fields) if arch_fields else arch
-        dtype = kwargs.pop('dtype', None)
-        frozen = kwargs.pop('frozen', False)
-        model = cls(arch, **kwargs)
-        load_into_model(model, weights.state_dict, source=str(path))
-        model.compute_dtype = as_dtype(dtype)
-        model.frozen = frozen
-        model._apply_dtype_and_freeze()
-        return model
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls(arch, pretrained=weights, **kwargs)
 
     def arch_dict(self) -> dict:
         return asdict(self.arch)

@@ -14,6 +14,7 @@ A new layout is one more entry in ``LAYOUTS``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -133,6 +134,7 @@ def _rules(layout: str) -> list[_Rule]:
 _RULE_CACHE: dict[str, list[_Rule]] = {}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # one load matches the same names several times
 def _match(key: str, layout: str):
     """(prefix, canonical name, part index, number of parts) for a layout key, or None."""
     for rule in _rules(layout):

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
+from torch import nn
 
+from .dtypes import as_dtype
 from .layouts import _LAYER_RE, POS_KEY, WeightsError, _detect_or_none, _few, _layer_indices, to_canonical
 from .pos_embed import resample_pos_embed
+from .reading import is_file_view, release_pages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['load_into_model']
+__all__ = ['load_into_model', 'build_and_load']
+
 
 def _resample_to_grid(sd: dict[str, torch.Tensor], grid: int, source: str, dtype: torch.dtype | None = None):
     pos = sd.get(POS_KEY)
@@ -64,11 +68,18 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
     return {k: sd[k] for k in loadable}
 
 
-def load_into_model(model, state_dict: Mapping[str, torch.Tensor], *, source: str, strict: bool = True) -> None:
-    """Copy a (canonical, or any-layout) state dict into an ``InternViT``, resampling the position embedding.
+def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, strict: bool = True,
+                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> None:
+    """Load a (canonical, or any-layout) state dict into an ``InternViT``, resampling the position embedding.
 
     Everything is checked before anything is copied. ``strict=False`` drops layers beyond the model's depth and
     tolerates missing/unexpected tensors (logged); shape mismatches are always errors.
+
+    Parameters on the meta device (a model built by ``build_and_load``) get their tensor here, placed once in
+    ``dtype`` (default: the parameter's own) on ``device`` (default: the CPU): a memory-mapped safetensors tensor
+    that already has that dtype, on the CPU, becomes the parameter itself (a private copy-on-write view, as
+    ``safetensors.torch.load_file`` gives), any other is converted in one copy. Parameters that already exist
+    are copied into. Pages of memory-mapped checkpoint tensors are released as soon as they are copied.
     """
     keys = list(state_dict)
     if _detect_or_none(keys) not in (None, ('', 'hf')):
@@ -78,6 +89,44 @@ def load_into_model(model, state_dict: Mapping[str, torch.Tensor], *, source: st
     pos_param = params.get(POS_KEY)
     _resample_to_grid(sd, model.arch.grid_size, source, pos_param.dtype if pos_param is not None else None)
     sd = _check(sd, {k: v.shape for k, v in params.items()}, model.depth, source, strict)
+    dtype, device = as_dtype(dtype), torch.device(device if device is not None else 'cpu')
     with torch.no_grad():
         for name, tensor in sd.items():
-            params[name].copy_(tensor)
+            target = params[name]
+            if not target.is_meta:
+                target.copy_(tensor)
+                release_pages(tensor)
+            elif is_file_view(tensor) and tensor.dtype == (dtype or target.dtype) and device.type == 'cpu':
+                _place(model, name, tensor)  # already in place: a private copy-on-write view of the file
+            else:
+                _place(model, name, tensor.to(device=device, dtype=dtype or target.dtype, copy=True))
+                release_pages(tensor)
+    unloaded = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unloaded:
+        raise WeightsError(f'{source}: {len(unloaded)} tensors of a model built without initialisation are not in '
+                           f'the checkpoint: {_few(unloaded)}')
+
+
+def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` where the meta tensor ``name`` is (a parameter keeps its ``requires_grad``)."""
+    owner_name, _, attr = name.rpartition('.')
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=owner._parameters[attr].requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
+def build_and_load(build: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], *, source: str,
+                   dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                   strict: bool = True) -> nn.Module:
+    """Build a model on the meta device (no random initialisation) and load a checkpoint strictly into it.
+
+    ``build`` constructs the model (e.g. ``lambda: InternViT(arch)``); every tensor is then allocated once, in
+    ``dtype`` on ``device``, from the checkpoint (see ``load_into_model``). The one way the project turns weights
+    into a model: ``InternViT(pretrained=...)``, ``InternViT.from_pretrained``, chat and the export tool use it.
+    """
+    with torch.device('meta'):
+        model = build()
+    load_into_model(model, state_dict, source=source, strict=strict, dtype=dtype, device=device)
+    return model

@@ -31,7 +31,7 @@ from backbones import InternViT
 from backbones.arch_config import arch_for_weights, hf_config_from_arch
 from backbones.atomic import atomic_dir, json_dump
 from backbones.dtypes import as_dtype as _dtype
-from backbones.loading import load_into_model
+from backbones.loading import build_and_load
 from backbones.reading import read_tensors, read_weights
 from backbones.reading import weight_files as weight_map
 from backbones.writing import save_safetensors_shards
@@ -132,16 +132,9 @@ def build_language_model(llm_config, checkpoint_dir: str | os.PathLike | None = 
 
 
 def _build_vision(weights, source: str, dtype: torch.dtype | None) -> InternViT:
-    """An InternViT shaped by the checkpoint, its parameters allocated without a random init, then loaded."""
+    """An InternViT shaped by the checkpoint, built without a random init, each tensor placed once in ``dtype``."""
     arch = arch_for_weights(weights)
-    with torch.device('meta'):
-        vision = InternViT(arch)
-    if dtype is not None:
-        vision.to(dtype)
-    vision.to_empty(device='cpu')
-    # Strict: every parameter is overwritten (to_empty leaves memory uninitialised).
-    load_into_model(vision, weights.state_dict, source=source, strict=True)
-    return vision
+    return build_and_load(lambda: InternViT(arch), weights.state_dict, source=source, dtype=dtype)
 
 
 def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation: str = 'sdpa',

@@ -512,3 +512,44 @@ def test_probe_and_deepspeed_checkpoints_say_what_to_export(tmp_path):
     torch.save({'module': {}}, ds / 'mp_rank_00_model_states.pt')
     with pytest.raises(WeightsError, match='is a DeepSpeed checkpoint folder: consolidate it first'):
         read_weights(ds)
+
+
+# --------------------------------------------------------------------------------------------- build and load
+def test_from_pretrained_runs_no_random_init_and_places_each_tensor_in_its_dtype(tmp_path, ln, monkeypatch):
+    from backbones.reading import _MAPPINGS
+    write_hf(canonical(ln), ln.arch, tmp_path / 'hf', image_size=56, dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / 'hf' / 'model.safetensors'))
+
+    def no_init(*args, **kwargs):
+        raise AssertionError('from_pretrained must not initialise randomly')
+    monkeypatch.setattr(InternViT, '_init_parameters', no_init)
+    monkeypatch.setattr(torch.nn.init, 'trunc_normal_', no_init)
+
+    def in_a_mapping(t):
+        return any(base <= t.data_ptr() < base + size for base, (_, size) in _MAPPINGS.items())
+
+    weights = read_weights(tmp_path / 'hf')
+    assert all(in_a_mapping(t) for t in weights.state_dict.values())  # read memory-mapped, nothing copied yet
+    for dtype in (torch.bfloat16, torch.float32):
+        model = InternViT.from_pretrained(str(tmp_path / 'hf'), dtype=dtype)
+        # the file's dtype: the parameters are (copy-on-write) views of the file; another dtype: one copy each
+        assert [in_a_mapping(p) for p in model.parameters()] == [dtype == torch.bfloat16] * len(stored)
+        for name, value in model.state_dict().items():
+            assert value.dtype == dtype and torch.equal(value, stored[name].to(dtype)), name
+    # the released pages of the mapped tensors read back from the file unchanged; writes stay private
+    assert all(torch.equal(weights.state_dict[k], stored[k]) for k in stored)
+    model = InternViT.from_pretrained(str(tmp_path / 'hf'), dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.embeddings.position_embedding.add_(1)
+    assert torch.equal(load_file(str(tmp_path / 'hf' / 'model.safetensors'))['embeddings.position_embedding'],
+                       stored['embeddings.position_embedding'])
+
+
+def test_build_and_load_refuses_a_partial_checkpoint_without_leaving_meta_tensors(ln):
+    from backbones.loading import build_and_load
+    sd = canonical(ln)
+    del sd['encoder.layers.0.ls1']
+    with pytest.raises(WeightsError, match=r'missing 1 tensors: encoder\.layers\.0\.ls1'):
+        build_and_load(lambda: InternViT(ln.arch), sd, source='partial')
+    with pytest.raises(WeightsError, match=r'not in the checkpoint: encoder\.layers\.0\.ls1'):
+        build_and_load(lambda: InternViT(ln.arch), sd, source='partial', strict=False)

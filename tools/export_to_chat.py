@@ -36,7 +36,7 @@ from backbones.arch_config import arch_for_weights, vision_config_of  # noqa: E4
 from backbones.dtypes import as_dtype  # noqa: E402
 from backbones.internvit import InternViT  # noqa: E402
 from backbones.layouts import WeightsError  # noqa: E402
-from backbones.loading import load_into_model  # noqa: E402
+from backbones.loading import build_and_load  # noqa: E402
 from backbones.reading import read_weights  # noqa: E402
 from backbones.writing import write_hf, write_into_chat  # noqa: E402
 
@@ -80,12 +80,8 @@ def _chat_vision_config(chat_dir: str) -> dict:
 
 
 def _loaded_model(arch, state_dict, source: str) -> InternViT:
-    """An fp32 model holding exactly these weights; built on the meta device to skip random init (slow for 6B)."""
-    with torch.device('meta'):
-        model = InternViT(arch)
-    model.to_empty(device='cpu')
-    load_into_model(model, state_dict, source=source)  # strict: every parameter is overwritten
-    return model.float()
+    """An fp32 model holding exactly these weights (no random init: slow for 6B)."""
+    return build_and_load(lambda: InternViT(arch), state_dict, source=source, dtype=torch.float32)
 
 
 def _forward(model: InternViT, images: torch.Tensor) -> torch.Tensor:
