@@ -6,8 +6,8 @@ Parameter names follow the Hugging Face ``InternVisionModel`` layout exactly (``
 """
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import math
 from dataclasses import asdict, replace
 from typing import Iterable
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
 
 from .arch_config import arch_for_weights
 from .dtypes import as_dtype

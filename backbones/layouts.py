@@ -25,7 +25,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['Weights', 'WeightsError', 'LAYOUTS', 'Layout', 'CANONICAL_NAMES', 'detect_layout', 'to_canonical', 'from_canonical']
+__all__ = ['Weights', 'WeightsError', 'LAYOUTS', 'Layout', 'CANONICAL_NAMES', 'detect_layout', 'to_canonical',
+           'from_canonical']
 
 POS_KEY = 'embeddings.position_embedding'
 

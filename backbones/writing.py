@@ -1,4 +1,5 @@
-"""Writing InternViT weights: HF ``InternVisionModel`` and native directories, and a chat checkpoint with new vision tensors."""
+"""Writing InternViT weights: HF ``InternVisionModel`` and native directories, a chat checkpoint with new vision
+tensors."""
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,17 @@ from .arch_config import _square, hf_config_from_arch, native_config_from_arch, 
 from .atomic import _refuse_existing, _umask, atomic_dir, json_dump
 from .dtypes import as_dtype
 from .internvit import InternViT
-from .layouts import (WeightsError, _canonical_names, _detect_or_none, _few, _layer_indices, _natural_key, _plan,
-                      from_canonical, to_canonical)
+from .layouts import (
+    WeightsError,
+    _canonical_names,
+    _detect_or_none,
+    _few,
+    _layer_indices,
+    _natural_key,
+    _plan,
+    from_canonical,
+    to_canonical,
+)
 from .loading import _check, _resample_to_grid
 from .presets import InternViTArch
 from .reading import _checkpoint_error, _read_config, _safetensors_error, _tensor_specs, safe_torch_load, weight_files

@@ -12,13 +12,14 @@ A chat checkpoint directory holds::
 
 The vision tensors are read by ``backbones.reading.read_weights`` (the one reader of InternViT layouts), the
 LLM tensors by transformers' ``from_pretrained`` (``language_model.`` prefix mapped away), the projector by this
-module. Every file from outside is read as safetensors or with ``torch.load(weights_only=True)``. Saving writes a temporary directory next to the target and renames it at the
-end, and refuses an existing target unless ``overwrite=True``.
+module. Every file from outside is read as safetensors or with ``torch.load(weights_only=True)``. Saving writes a
+temporary directory next to the target and renames it at the end, and refuses an existing target unless
+``overwrite=True``.
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import re
 from pathlib import Path

@@ -27,8 +27,8 @@ the reason. ``on_bad_record='skip'`` leaves them out and logs a summary (and wri
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass

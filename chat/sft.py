@@ -14,14 +14,13 @@ the published layout, with the tokenizer; ``--resume_from_checkpoint latest`` co
 """
 from __future__ import annotations
 
-import logging
 import importlib.util
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
-
 
 from .checkpoint import build_from_parts, load_chat_model, load_tokenizer, save_chat_model
 from .data import ON_BAD_RECORD, TRUNCATION, SFTCollator, SFTDataset

@@ -45,9 +45,9 @@ class FeatureCacheHook(Hook):
 class HeadSelectionHook(Hook):
     """Scores every head on a held-out part of the training split and makes the best one the model's prediction
     head, when the model is a sweep (``model.sweep=True``; the single head has nothing to choose and, under
-    ``ProbeRunner``, no held-out data). Runs after each ``interval``-th epoch and after the last, before the CheckpointHook (priority
-    VERY_LOW) saves that epoch, so each checkpoint carries its selection. Never sees an evaluation set: its
-    dataloader should be a ``HeldOutSplit(part='heldout')`` of the training data.
+    ``ProbeRunner``, no held-out data). Runs after each ``interval``-th epoch and after the last, before the
+    CheckpointHook (priority VERY_LOW) saves that epoch, so each checkpoint carries its selection. Never sees an
+    evaluation set: its dataloader should be a ``HeldOutSplit(part='heldout')`` of the training data.
 
     Args:
         dataloader: the held-out dataloader config; None reads the config's top-level ``heldout_dataloader``

@@ -27,8 +27,8 @@ Two problems, two small fixes; nothing else belongs in this module.
    a file whose real path lies inside the run's own work dir (a checkpoint this run wrote) is unpickled in full,
    every other file (``load_from``, pretrained weights, downloads) loads with ``weights_only=True`` (for another
    run's MMEngine checkpoint, its message-hub objects become inert stand-ins: see
-   ``backbones.reading.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise. Pretrained weights belong in safetensors or plain
-   state dicts of tensors, which load under ``weights_only=True``.
+   ``backbones.reading.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise.
+   Pretrained weights belong in safetensors or plain state dicts of tensors, which load under ``weights_only=True``.
 """
 from __future__ import annotations
 

@@ -325,10 +325,11 @@ def test_backbones_and_chat_import_no_openmmlab_module(fresh_interpreters):
 
 
 def test_registered_in_root_and_mmseg_registries():
-    import mm_adapter  # noqa: F401
-    from backbones import InternViT
     from mmengine.registry import MODELS as ROOT
     from mmseg.registry import MODELS as MMSEG
+
+    import mm_adapter  # noqa: F401
+    from backbones import InternViT
     for registry in (ROOT, MMSEG):
         model = registry.build(dict(type='InternViT', preset='internvit_tiny', out_indices=[1], frozen=True))
         assert isinstance(model, InternViT) and model.frozen and model.out_indices == [1]
@@ -336,6 +337,7 @@ def test_registered_in_root_and_mmseg_registries():
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     from mmengine.fileio import get_file_backend
+
     from mm_adapter.atomic_io import AtomicLocalBackend, install_atomic_local_backend
     install_atomic_local_backend()  # what mm_adapter.runtime.build_runner does for every run
     target = tmp_path / 'iter_2.pth'

@@ -4,12 +4,11 @@ import os.path as osp
 
 import pytest
 import torch
-
-import segmentation  # noqa: F401
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
+import segmentation  # noqa: F401
 from backbones import PRESETS
 from backbones.internvit import Block
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor

@@ -7,15 +7,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.structures import PixelData
+from mmseg.registry import DATASETS, MODELS
+from mmseg.structures import SegDataSample
 from PIL import Image
 
 import segmentation  # noqa: F401  (registers everything)
-from mmengine.config import Config
-from mmengine.registry import DefaultScope
-from mmseg.registry import DATASETS, MODELS
-from mmseg.structures import SegDataSample
-from mmengine.structures import PixelData
-
 from segmentation.datasets import few_shot_subset
 from segmentation.few_shot import list_image_stems, write_split_files
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor, clean_param_name, internvit_layer_id

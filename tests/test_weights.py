@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from backbones.internvit import InternViT
 from backbones.arch_config import arch_for_weights, hf_config_from_arch
+from backbones.internvit import InternViT
 from backbones.layouts import WeightsError, from_canonical, to_canonical
 from backbones.loading import load_into_model
 from backbones.reading import read_weights
@@ -161,7 +161,8 @@ def test_mmengine_training_checkpoint(tmp_path, rms, ln, logs):
     from mmengine.logging import HistoryBuffer
     buffer = HistoryBuffer()
     buffer.update(np.float64(1.5))
-    for model, layout, prefix in ((rms, 'hf', 'backbone.'), (ln, 'original', 'backbone.'), (rms, 'hf', 'vision_model.')):
+    for model, layout, prefix in ((rms, 'hf', 'backbone.'), (ln, 'original', 'backbone.'),
+                                  (rms, 'hf', 'vision_model.')):
         sd = canonical(model)
         state = {**from_canonical(sd, layout, prefix),
                  'decode_head.conv_seg.weight': torch.zeros(150, 64, 1, 1),

@@ -65,10 +65,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    import runpy
+
+    from mmengine.logging import MMLogger
+
     import backbones
     import classification  # noqa: F401
-    from mmengine.logging import MMLogger
-    import runpy
     make_synthetic = runpy.run_path(osp.join(REPO, 'tools', 'make_synthetic_imagenet.py'))['main']
 
     MMLogger.get_instance('mmengine', log_level='WARNING')

@@ -53,6 +53,9 @@ print(json.dumps(dict(seconds=seconds, added_peak_bytes=max(status('VmHWM') - ba
 '''
 
 
+READS = ('load_file', 'load_file_touched', 'read')
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--preset', default='internvit_300m_448')
@@ -104,13 +107,13 @@ def main(argv=None) -> int:
             pass
     gib = 2 ** 30
     results = {}
-    for read in ('load_file', 'load_file_touched', 'read'):
+    for read in READS:
         results[read] = measure(read, directory, None, args.threads, args.repeats)
         print(f'{read}: {results[read]["seconds"]:.2f}s for {results[read]["nbytes"] / gib:.2f} GiB, added peak RSS '
               f'{results[read]["added_peak_bytes"] / gib:.2f} GiB')
     for dtype in args.dtypes:
         load = measure('from_pretrained', directory, dtype, args.threads, args.repeats)
-        ratios = {read: load['seconds'] / results[read]['seconds'] for read in ('load_file', 'load_file_touched', 'read')}
+        ratios = {read: load['seconds'] / results[read]['seconds'] for read in READS}
         results[dtype] = dict(load, time_ratios=ratios, memory_ratio=load['added_peak_bytes'] / load['nbytes'])
         print(f'from_pretrained(dtype={dtype}): {load["seconds"]:.2f}s = '
               + ', '.join(f'{r:.2f}x {read}' for read, r in ratios.items()) + ' (goal <= 1.5x); model '

@@ -31,10 +31,6 @@ import time
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
 
 import torch  # noqa: E402
-
-import mm_adapter  # noqa: E402,F401
-import segmentation  # noqa: E402,F401
-from backbones import vit_forward_flops  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.model import revert_sync_batchnorm  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
@@ -43,6 +39,9 @@ from mmengine.structures import PixelData  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
+import mm_adapter  # noqa: E402,F401
+import segmentation  # noqa: E402,F401
+from backbones import vit_forward_flops  # noqa: E402
 from mm_adapter.runtime import adapt_to_cpu  # noqa: E402
 
 GiB = 1024 ** 3

@@ -20,9 +20,9 @@ outputs and the source model's on a random batch.
 from __future__ import annotations
 
 import argparse
-import logging
 import importlib.util
 import json
+import logging
 import sys
 import time
 from pathlib import Path

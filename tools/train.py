@@ -16,10 +16,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
 
-import mm_adapter  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT registration)
-from mm_adapter.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
-                                trust_work_dir)
 from mmengine.config import Config, DictAction  # noqa: E402
+
+import mm_adapter  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT registration)
+from mm_adapter.runtime import build_runner, init_distributed_without_cuda, prepare_config, trust_work_dir  # noqa: E402
 
 
 def parse_args(argv=None):
