@@ -251,6 +251,21 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
 
 
+def test_grad_checkpointing_recomputes_every_block_in_backward():
+    x = torch.randn(2, 3, 28, 28)
+    for ckpt, expected in ((False, 1), (True, 2)):  # checkpointed blocks run again during backward
+        model = tiny(grad_checkpointing=ckpt).train()
+        calls = [0] * model.depth
+        for i, block in enumerate(model.layers):
+            block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        model.forward_features(x).pow(2).mean().backward()
+        assert calls == [expected] * model.depth, (ckpt, calls)
+        calls[:] = [0] * model.depth
+        with torch.no_grad():  # nothing to recompute without gradients
+            model.forward_intermediates(x, [-1])
+        assert calls == [1] * model.depth
+
+
 def test_unknown_dtype_and_attention_are_errors():
     with pytest.raises(ValueError, match="unknown dtype 'bfloat15'"):
         tiny(dtype='bfloat15')
