@@ -26,6 +26,18 @@ def _note(message: str) -> None:
     print_log(message, logger='current')
 
 
+def cfg_options(pairs: list[str] | None) -> dict:
+    """``--cfg-options k=v ...`` as MMEngine's ``DictAction`` reads them (the tools parse their arguments before
+    importing MMEngine, so that ``--help`` answers at once)."""
+    import argparse
+
+    from mmengine.config import DictAction
+    namespace = argparse.Namespace(cfg_options={})
+    if pairs:
+        DictAction(option_strings=['--cfg-options'], dest='cfg_options')(None, namespace, pairs)
+    return namespace.cfg_options
+
+
 def default_work_dir(config_path: str) -> str:
     return osp.join('work_dirs', osp.splitext(osp.basename(config_path))[0])
 
