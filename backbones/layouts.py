@@ -223,6 +223,14 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     return out, layout
 
 
+def as_canonical(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The state dict under canonical names: converted unless it already is (or holds no InternViT tensor at all,
+    which the caller then reports with its own context)."""
+    if _detect_or_none(state_dict) in (None, ('', 'hf')):
+        return state_dict
+    return to_canonical(state_dict)[0]
+
+
 def _split_names(canonical: str, layout: str, prefix: str = '') -> tuple[str, ...]:
     for rule in _rules(layout):
         m = rule.canonical_regex.match(canonical)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .dtypes import as_dtype
-from .layouts import _LAYER_RE, POS_KEY, WeightsError, _detect_or_none, _few, _layer_indices, to_canonical
+from .layouts import _LAYER_RE, POS_KEY, WeightsError, _few, _layer_indices, as_canonical
 from .pos_embed import resample_pos_embed
 from .reading import is_file_view, release_pages
 
@@ -81,10 +81,7 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     ``safetensors.torch.load_file`` gives), any other is converted in one copy. Parameters that already exist
     are copied into. Pages of memory-mapped checkpoint tensors are released as soon as they are copied.
     """
-    keys = list(state_dict)
-    if _detect_or_none(keys) not in (None, ('', 'hf')):
-        state_dict, _ = to_canonical(state_dict)
-    sd = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in as_canonical(state_dict).items() if isinstance(v, torch.Tensor)}
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     pos_param = params.get(POS_KEY)
     _resample_to_grid(sd, model.arch.grid_size, source, pos_param.dtype if pos_param is not None else None)

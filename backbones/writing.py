@@ -12,19 +12,18 @@ from typing import Mapping
 import torch
 
 from .arch_config import _square, hf_config_from_arch, native_config_from_arch, vision_config_of
-from .atomic import _refuse_existing, _umask, atomic_dir, json_dump
+from .atomic import _refuse_existing, atomic_dir, atomic_path, json_dump
 from .dtypes import as_dtype
 from .internvit import InternViT
 from .layouts import (
     WeightsError,
     _canonical_names,
-    _detect_or_none,
     _few,
     _layer_indices,
     _natural_key,
     _plan,
+    as_canonical,
     from_canonical,
-    to_canonical,
 )
 from .loading import _check, _resample_to_grid
 from .presets import InternViTArch
@@ -52,8 +51,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _prepare_export(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, image_size: int | None,
                     source: str) -> tuple[dict[str, torch.Tensor], InternViTArch]:
-    if _detect_or_none(state_dict) not in (None, ('', 'hf')):
-        state_dict, _ = to_canonical(state_dict)
+    state_dict = as_canonical(state_dict)
     target = replace(arch, img_size=int(image_size or arch.img_size))
     sd = dict(state_dict)
     _resample_to_grid(sd, target.grid_size, source)
@@ -83,10 +81,8 @@ def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_
     weight_map = {}
     for file, shard in zip(files, shards):
         # Each file under a temporary name first, so a directory written in place never holds half a file.
-        tmp = out / f'.{file}.tmp'
-        save_file({n: tensors[n].contiguous().clone() for n in shard}, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out / file)
+        with atomic_path(out / file) as tmp:
+            save_file({n: tensors[n].contiguous().clone() for n in shard}, str(tmp), metadata=metadata)
         weight_map.update({n: file for n in shard})
         logger.info(f'wrote {out.name}/{file} ({len(shard)} tensors)')
     index = out / 'model.safetensors.index.json'
@@ -185,9 +181,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
         raise _checkpoint_error(chat, err) from None
     grid = _square(vision['image_size'], 'image_size') // _square(vision['patch_size'], 'patch_size')
 
-    sd = dict(state_dict)
-    if _detect_or_none(sd) not in (None, ('', 'hf')):
-        sd, _ = to_canonical(sd)
+    sd = dict(as_canonical(state_dict))
     _resample_to_grid(sd, grid, source)
     new = from_canonical(sd, layout, prefix)
     specs = _tensor_specs(files, selected)

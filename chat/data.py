@@ -38,6 +38,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
+from backbones.atomic import atomic_write
+
 from .conversation import ASSISTANT, USER, get_template
 from .model import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, image_token_text
 from .preprocess import count_tiles, load_image
@@ -365,10 +367,7 @@ class SFTDataset(torch.utils.data.Dataset):
                           + (f' (all in {report_file})' if report_file else ''))
         if report_file is not None:
             path = Path(report_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f'.{path.name}.tmp')
-            tmp.write_text(''.join(json.dumps(b.to_json(), ensure_ascii=False) + '\n' for b in self.bad_records))
-            os.replace(tmp, path)
+            atomic_write(path, ''.join(json.dumps(b.to_json(), ensure_ascii=False) + '\n' for b in self.bad_records))
         if not self.examples:
             first = self.bad_records[0] if self.bad_records else '-'
             raise ValueError(f'no usable SFT records in {", ".join(map(str, files))} '

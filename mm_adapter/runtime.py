@@ -16,10 +16,10 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from backbones.dtypes import as_dtype
+
 from .atomic_io import install_atomic_local_backend
 from .compat import trust_checkpoints_in
-
-HALF_DTYPES = ('bfloat16', 'bf16', 'float16', 'fp16', 'half', 'torch.bfloat16', 'torch.float16')
 
 
 def _note(message: str) -> None:
@@ -65,10 +65,17 @@ def enable_amp(cfg: Config) -> None:
         wrapper['use_fsdp'] = True
 
 
+def _is_half(dtype) -> bool:
+    try:
+        return as_dtype(dtype) in (torch.bfloat16, torch.float16)
+    except ValueError:
+        return False  # a bad name is reported by the model when it is built
+
+
 def _half_backbones(node: Any, path: str = 'model'):
     """Yield (path, dict) for every InternViT config dict with a half dtype."""
     if isinstance(node, dict):
-        if node.get('type') == 'InternViT' and str(node.get('dtype')) in HALF_DTYPES:
+        if node.get('type') == 'InternViT' and _is_half(node.get('dtype')):
             yield path, node
         for key, value in node.items():
             yield from _half_backbones(value, f'{path}.{key}')
