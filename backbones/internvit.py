@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath  # stochastic depth per sample, scaled by 1/keep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -53,24 +54,6 @@ NORM_TYPES = {'rms_norm': RMSNorm, 'layer_norm': nn.LayerNorm}
 
 def build_norm(arch: InternViTArch, dim: int) -> nn.Module:
     return NORM_TYPES[arch.norm_type](dim, eps=arch.norm_eps)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training."""
-
-    def __init__(self, prob: float = 0.0):
-        super().__init__()
-        self.prob = prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f'prob={self.prob}'
 
 
 class Embeddings(nn.Module):

@@ -61,34 +61,27 @@ def _prepare_export(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
 
 def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int,
                       metadata: dict | None = None) -> list[str]:
-    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the size."""
+    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the size.
+
+    The shards are huggingface_hub's (``split_torch_state_dict_into_shards``: in name order, a new file when the
+    next tensor would pass ``max_shard_bytes``), so the directory is what ``save_pretrained`` writes.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
-    names = sorted(tensors, key=_natural_key)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    ordered = {name: tensors[name] for name in sorted(tensors, key=_natural_key)}
+    split = split_torch_state_dict_into_shards(ordered, filename_pattern='model{suffix}.safetensors',
+                                               max_shard_size=max_shard_bytes)
     metadata = metadata or {'format': 'pt'}
-    if len(shards) == 1:
-        files = ['model.safetensors']
-    else:
-        files = [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
-    weight_map = {}
-    for file, shard in zip(files, shards):
+    files = list(split.filename_to_tensors)
+    for file, names in split.filename_to_tensors.items():
         # Each file under a temporary name first, so a directory written in place never holds half a file.
         with atomic_path(out / file) as tmp:
-            save_file({n: tensors[n].contiguous().clone() for n in shard}, str(tmp), metadata=metadata)
-        weight_map.update({n: file for n in shard})
-        logger.info(f'wrote {out.name}/{file} ({len(shard)} tensors)')
+            save_file({n: tensors[n].contiguous().clone() for n in names}, str(tmp), metadata=metadata)
+        logger.info(f'wrote {out.name}/{file} ({len(names)} tensors)')
     index = out / 'model.safetensors.index.json'
-    if len(shards) > 1:
+    if split.is_sharded:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        json_dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, index)
+        json_dump({'metadata': {'total_size': total}, 'weight_map': split.tensor_to_filename}, index)
         files.append(index.name)
     elif index.exists():
         index.unlink()  # a stale index from an earlier sharded save would point at the wrong files

@@ -82,7 +82,7 @@ def test_backbone_builds_on_meta_as_published(name):
     assert backbone.out_indices == out_indices
     assert backbone.frozen is frozen
     assert all(p.requires_grad is not frozen for p in backbone.parameters())
-    assert backbone.layers[-1].drop_path.prob == pytest.approx(drop_path)
+    assert backbone.layers[-1].drop_path.drop_prob == pytest.approx(drop_path)
     assert backbone.grad_checkpointing is (name.startswith('internvit_6b') and not frozen)
     assert cfg.optim_wrapper.paramwise_cfg.layer_decay_rate == layer_decay
     assert cfg.optim_wrapper.optimizer.weight_decay == weight_decay

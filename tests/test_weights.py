@@ -108,6 +108,16 @@ def test_hf_dir_round_trip(tmp_path, rms, shard_bytes):
         assert len(shards) > 1 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
         assert set(index['weight_map']) == set(sd)
         assert index['metadata']['total_size'] == sum(t.numel() * 4 for t in sd.values())
+        # huggingface_hub's sharding (save_pretrained's): name order, a new file when the next tensor would not
+        # fit, a tensor larger than the limit alone in its own file
+        names = sorted(sd, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', n)])
+        for shard in shards:
+            held = [n for n in names if index['weight_map'][n] == shard]
+            assert len(held) == 1 or sum(sd[n].numel() * 4 for n in held) <= shard_bytes
+        too_large = [n for n in names if sd[n].numel() * 4 > shard_bytes]
+        assert 'embeddings.patch_embedding.weight' in too_large
+        for name in too_large:
+            assert [n for n in names if index['weight_map'][n] == index['weight_map'][name]] == [name]
     else:
         assert files == ['config.json', 'model.safetensors']
     with safe_open(str(out / (files[1] if shard_bytes < 2 ** 20 else 'model.safetensors')), 'pt') as f:
