@@ -264,6 +264,9 @@ def chat_config(model: InternVLChatModel, dtype: torch.dtype) -> dict:
     vision['torch_dtype'] = str(dtype).replace('torch.', '')
     llm = model.language_model.config.to_dict()
     llm['architectures'] = llm.get('architectures') or [type(model.language_model).__name__]
+    # The published InternVLChatConfig forces tie_word_embeddings=False on every LLM, so its loader expects a
+    # separate language_model.lm_head.weight; save_chat_model writes one (a copy when the LLM ties them).
+    llm['tie_word_embeddings'] = False
     config = {
         'architectures': ['InternVLChatModel'],
         'model_type': 'internvl_chat',
@@ -295,6 +298,21 @@ def _untie(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _with_output_embeddings(model: InternVLChatModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the LLM's output-embedding weight under its own name when the LLM ties it to the input embeddings
+    (the published layout always holds ``language_model.lm_head.weight``)."""
+    llm = model.language_model
+    output, inputs = llm.get_output_embeddings(), llm.get_input_embeddings()
+    if output is None:
+        return tensors
+    out_name = next((n for n, m in llm.named_modules(remove_duplicate=False) if m is output), None)
+    in_name = next((n for n, m in llm.named_modules(remove_duplicate=False) if m is inputs), None)
+    out_key, in_key = f'{LLM_PREFIX}{out_name}.weight', f'{LLM_PREFIX}{in_name}.weight'
+    if out_key not in tensors and in_key in tensors:
+        tensors[out_key] = tensors[in_key].detach().clone()  # its own storage: safetensors refuses shared tensors
+    return tensors
+
+
 def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
                     overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                     state_dict: Mapping[str, torch.Tensor] | None = None, in_place: bool = False) -> Path:
@@ -306,7 +324,7 @@ def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tok
     checkpoint folder that also holds optimizer state), each file renamed into place, config.json last.
     """
     out = Path(out_dir).expanduser().absolute()
-    tensors = _untie(state_dict if state_dict is not None else model.state_dict())
+    tensors = _with_output_embeddings(model, _untie(state_dict if state_dict is not None else model.state_dict()))
     dtype = _dtype(dtype) or model.mlp1[1].weight.dtype
     tensors = {k: (v.detach().to('cpu', dtype) if v.is_floating_point() else v.detach().cpu())
                for k, v in tensors.items()}
