@@ -3,7 +3,7 @@
     from chat import load_chat_model, load_tokenizer, load_image
     model = load_chat_model('InternVL-Chat-V1-2', dtype='bfloat16').cuda()
     tokenizer = load_tokenizer('InternVL-Chat-V1-2', model)
-    answer, history = model.chat(tokenizer, load_image('photo.jpg').cuda().bfloat16(), 'Describe the image.')
+    answer = model.chat(tokenizer, load_image('photo.jpg').cuda().bfloat16(), 'Describe the image.')
 
 Training: ``tools/chat_sft.py`` (``chat.sft``). The vision model is ``backbones.InternViT``; nothing here copies it.
 """

@@ -329,7 +329,7 @@ class SFTDataset(torch.utils.data.Dataset):
             placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
             if placeholders < len(images):
                 raise _Bad(f'{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images')
-        per_image = max(1, self.max_tiles // max(1, len(images)))
+        per_image = max(1, (source.max_dynamic_patch or self.max_tiles) // max(1, len(images)))
         tiles = [self._count_tiles(path, per_image) for path in images]
         example = Example(str(source.annotation), index, system, turns, images, tiles, per_image, num_tokens=0)
         input_ids, labels = self._encode_full(example)

@@ -47,16 +47,16 @@ SP_HERMES2 = {
 
 # byte-level BPE: published preprocess_mpt
 BPE_HERMES2 = {
-    'one_image': ([360, 340, 200, 284, 276, 83, 74, 70, 71, 15, 361, 360, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 361, 360, 355, 200, 266, 265, 267, 344, 15, 361],
-        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 344, 15, 361]),
-    'two_images': ([360, 340, 200, 284, 276, 83, 74, 70, 71, 15, 361, 360, 313, 200, 357, 359, 359, 358, 200, 357, 359, 359, 358, 200, 343, 349, 267, 350, 32, 361, 360, 355, 200, 66, 265, 15, 361, 360, 313, 200, 342, 345, 267, 277, 265, 32, 361, 360, 355, 200, 266, 265, 267, 354, 15, 361],
-        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 66, 265, 15, 361, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 354, 15, 361]),
-    'no_image': ([360, 340, 200, 284, 276, 83, 74, 70, 71, 15, 361, 360, 313, 200, 351, 13, 318, 317, 279, 32, 361, 360, 355, 200, 74, 329, 346, 13, 348, 279, 15, 361],
-        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 74, 329, 346, 13, 348, 279, 15, 361]),
-    'leading_space': ([360, 340, 200, 284, 276, 83, 74, 70, 71, 15, 361, 360, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 361, 360, 355, 200, 277, 265, 267, 333, 15, 361],
-        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 277, 265, 267, 333, 15, 361]),
-    'over_long': ([360, 340, 200, 284, 276, 83, 74, 70, 71, 15, 361, 360, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 361, 360, 355, 200, 266, 265, 267, 344, 15, 361, 360, 313, 200, 356, 277],
-        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 344, 15, 361, None, None, None, None, None]),
+    'one_image': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 366, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 367, 366, 355, 200, 266, 265, 267, 344, 15, 367],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 344, 15, 367]),
+    'two_images': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 366, 313, 200, 357, 359, 359, 358, 200, 357, 359, 359, 358, 200, 343, 349, 267, 350, 32, 367, 366, 355, 200, 66, 265, 15, 367, 366, 313, 200, 342, 345, 267, 277, 265, 32, 367, 366, 355, 200, 266, 265, 267, 354, 15, 367],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 66, 265, 15, 367, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 354, 15, 367]),
+    'no_image': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 366, 313, 200, 351, 13, 318, 317, 279, 32, 367, 366, 355, 200, 74, 329, 346, 13, 348, 279, 15, 367],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 74, 329, 346, 13, 348, 279, 15, 367]),
+    'leading_space': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 366, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 367, 366, 355, 200, 277, 265, 267, 333, 15, 367],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 277, 265, 267, 333, 15, 367]),
+    'over_long': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 366, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 367, 366, 355, 200, 266, 265, 267, 344, 15, 367, 366, 313, 200, 356, 277],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 344, 15, 367, None, None, None, None, None]),
 }
 
 # SentencePiece-style tokenizer that adds <s> (as InternLM2's): published preprocess_internlm (messages stripped)
