@@ -97,7 +97,9 @@ def test_chat_encodes_with_bos_stops_at_the_separator_and_prepends_one_image(tin
     assert input_ids[0].tolist() == [1] + tokenizer(prompt, add_special_tokens=False)['input_ids']  # <s> first
     assert kwargs['eos_token_id'] == eos and kwargs['max_new_tokens'] == 8
 
-    # with a history, no <image> is put in front (the published check is `history is None`)
-    answer, history = model.chat(tokenizer, pixels, 'and now?', None, history=[], return_history=True)
-    assert history == [('and now?', 'the square is red.')]
-    assert '<img>' not in tokenizer.decode(calls[1][0][0])
+    # with a history, no <image> is put in front (the published check is `history is None`); the image of the
+    # first turn is expanded again
+    first = ('<image>\nwhat colour?', 'the square is red.')
+    answer, history = model.chat(tokenizer, pixels, 'and now?', None, history=[first], return_history=True)
+    assert history == [first, ('and now?', 'the square is red.')]
+    assert tokenizer.decode(calls[1][0][0]).count('<img>') == 1
