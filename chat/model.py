@@ -150,19 +150,36 @@ class InternVLChatModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- training set-up
     def set_trainable(self, *, backbone: bool = True, llm: bool = True, projector: bool = True,
-                      unfreeze_backbone_last: int = 0) -> dict[str, int]:
-        """Freeze or unfreeze the three parts; ``unfreeze_backbone_last=N`` trains the last N backbone layers
-        even when the backbone is frozen. Returns the number of trainable parameters per part."""
+                      unfreeze_vit_layers: int = 0, unfreeze_backbone_last: int = 0) -> dict[str, int]:
+        """Freeze or unfreeze the three parts. ``unfreeze_vit_layers=N`` then trains ``layers[N:]`` as the
+        published ``--unfreeze_vit_layers`` (negative N: the last -N layers; 0: none);
+        ``unfreeze_backbone_last=N`` trains the last N layers. Returns the number of trainable parameters per part.
+        """
         depth = self.vision_model.depth
+        if not -depth <= unfreeze_vit_layers < depth:
+            raise ValueError(f'unfreeze_vit_layers must be in [-{depth}, {depth - 1}] for a {depth}-layer backbone '
+                             f'(layers[N:] are trained), got {unfreeze_vit_layers}')
         if not 0 <= unfreeze_backbone_last <= depth:
             raise ValueError(f'unfreeze_backbone_last must be between 0 and the backbone depth {depth}, '
                              f'got {unfreeze_backbone_last}')
         self.vision_model.requires_grad_(backbone)
+        if unfreeze_vit_layers:
+            self.vision_model.encoder.layers[unfreeze_vit_layers:].requires_grad_(True)
         if unfreeze_backbone_last:
             self.vision_model.encoder.layers[-unfreeze_backbone_last:].requires_grad_(True)
         self.language_model.requires_grad_(llm)
         self.mlp1.requires_grad_(projector)
         return self.trainable_parameters()
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth on the backbone, rising linearly from 0 at the first block to ``rate`` at the last (the
+        published ``--drop_path_rate``; V1-2 fine-tuning used 0.4)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {rate}')
+        layers = self.vision_model.encoder.layers
+        for block, prob in zip(layers, torch.linspace(0, rate, len(layers)).tolist()):
+            block.drop_path.prob = prob
+        self.vision_model.drop_path_rate = rate
 
     def trainable_parameters(self) -> dict[str, int]:
         parts = {'vision_model': self.vision_model, 'mlp1': self.mlp1, 'language_model': self.language_model}
