@@ -75,9 +75,10 @@ class ConversationTemplate:
             raise ValueError(f'template {self.name}: style must be one of {STYLES}, got {self.style!r}')
 
     @property
-    def stop_str(self) -> str | None:
-        """The text at which a generated answer ends (the separator token), or None (newline-only separator)."""
-        return self.sep.strip() or None
+    def stop_str(self) -> str:
+        """The text at which a generated answer ends: the separator token (``sep.strip()``, as published), or the
+        separator itself when it is only whitespace ('plain': a newline)."""
+        return self.sep.strip() or self.sep
 
     def conversation(self, system_message: str | None = None) -> 'Conversation':
         return Conversation(self, self.system_message if system_message is None else system_message)

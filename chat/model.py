@@ -286,20 +286,18 @@ class InternVLChatModel(nn.Module):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def stop_token_ids(self, tokenizer) -> list[int]:
-        """The id that ends an answer, as published: the template's separator token (``sep.strip()``); templates
-        whose separator is only a newline stop at the tokenizer's EOS."""
+        """The id that ends an answer, as published: the template's separator token (``sep.strip()``; 'plain':
+        the newline, which a byte-level tokenizer spells as one token of another name)."""
         stop = self.template.stop_str
-        if stop:
-            token_id = tokenizer.convert_tokens_to_ids(stop)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(f"the tokenizer has no {stop!r} token, the {self.template.name} template's "
-                                 'separator at which generation stops; prepare it with '
-                                 'chat.tokenization.prepare_tokenizer')
-            return [token_id]
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f'the tokenizer has no EOS token and the {self.template.name} template has no '
-                             'separator token: generation would never stop')
-        return [tokenizer.eos_token_id]
+        token_id = tokenizer.convert_tokens_to_ids(stop)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            encoded = tokenizer.encode(stop, add_special_tokens=False)
+            token_id = encoded[0] if len(encoded) == 1 else None
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no single token for {stop!r}, the {self.template.name} template's "
+                             'separator at which generation stops; prepare it with '
+                             'chat.tokenization.prepare_tokenizer')
+        return [token_id]
 
     def build_prompt(self, question: str, history: Sequence[tuple[str, str]] = (), num_images: int = 0,
                      num_patches_list: Sequence[int] | None = None, system_message: str | None = None) -> str:
