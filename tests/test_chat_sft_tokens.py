@@ -1,7 +1,7 @@
 """SFT token ids and labels equal the published InternVL-Chat preprocess_* functions.
 
 Expected values were derived by running the published position arithmetic (``preprocess_mpt`` for Hermes-2,
-``preprocess_internlm`` for internlm2-chat) on these records with these tiny tokenizers; labels are written with
+``preprocess_internlm`` for internlm2-chat, ``preprocess_internvl2_5``) on these records with these tiny tokenizers; labels are written with
 None for -100. Records: one image, two images, no image, an answer with a leading space, and a conversation cut at
 max_length 40 tokens. 2 image tokens per tile, system message 'be brief.'.
 """
@@ -73,6 +73,20 @@ SP_BOS_INTERNLM2 = {
         [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 45, 49, 50, 139, 4, None, None, None, None, None]),
 }
 
+# byte-level BPE (Qwen2-style, no BOS): published preprocess_internvl2_5 (each message tokenized on its own)
+BPE_INTERNVL2_5 = {
+    'one_image': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 200, 366, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 367, 200, 366, 355, 200, 266, 265, 267, 344, 15, 367, 200],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 344, 15, 367, None]),
+    'two_images': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 200, 366, 313, 200, 357, 359, 359, 358, 200, 357, 359, 359, 358, 200, 343, 349, 267, 350, 32, 367, 200, 366, 355, 200, 66, 265, 15, 367, 200, 366, 313, 200, 342, 345, 267, 277, 265, 32, 367, 200, 366, 355, 200, 266, 265, 267, 354, 15, 367, 200],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 66, 265, 15, 367, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 354, 15, 367, None]),
+    'no_image': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 200, 366, 313, 200, 351, 13, 318, 317, 279, 32, 367, 200, 366, 355, 200, 74, 329, 346, 13, 348, 279, 15, 367, 200],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 74, 329, 346, 13, 348, 279, 15, 367, None]),
+    'leading_space': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 200, 366, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 367, 200, 366, 355, 200, 277, 265, 267, 333, 15, 367, 200],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 277, 265, 267, 333, 15, 367, None]),
+    'over_long': ([366, 340, 200, 284, 276, 83, 74, 70, 71, 15, 367, 200, 366, 313, 200, 357, 359, 359, 358, 200, 342, 345, 267, 277, 265, 32, 367, 200, 366, 355, 200, 266, 265, 267, 344, 15, 367, 200, 366, 313],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 266, 265, 267, 344, 15, 367, None, None, None]),
+}
+
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
@@ -96,7 +110,8 @@ def items(data_dir, tokenizer, template, name):
     (lambda: build_tiny_sp_tokenizer(), 'Hermes-2', SP_HERMES2),
     (build_tiny_tokenizer, 'Hermes-2', BPE_HERMES2),
     (lambda: build_tiny_sp_tokenizer(add_bos=True), 'internlm2-chat', SP_BOS_INTERNLM2),
-], ids=['sentencepiece-Hermes-2', 'bpe-Hermes-2', 'sentencepiece-bos-internlm2-chat'])
+    (build_tiny_tokenizer, 'internvl2_5', BPE_INTERNVL2_5),
+], ids=['sentencepiece-Hermes-2', 'bpe-Hermes-2', 'sentencepiece-bos-internlm2-chat', 'bpe-internvl2_5'])
 def test_sft_ids_and_labels_equal_the_published_preprocessing(data_dir, build, template, expected, name):
     tokenizer = build()
     prepare_tokenizer(tokenizer, template)
