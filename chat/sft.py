@@ -9,8 +9,13 @@ A JSON file with the same keys can stand in for the command line, followed by ov
 deepspeed is an optional extra: nothing imports it unless ``--deepspeed`` is given, and then a missing package is
 reported before anything else happens.
 
+Data: ``--meta_path`` (the published meta file) or ``--data FILE.jsonl``; see ``chat.data``. The published V1-2
+recipe switches are here: ``--drop_path_rate``, ``--group_by_length``, ``--unfreeze_vit_layers N`` (layers[N:]),
+``--mlp_path`` (the pre-trained projector file); ``--trust_remote_code`` lets a V1-5 checkpoint's InternLM2 code run.
+
 Checkpoints (``output_dir/checkpoint-N``) and the final model (``output_dir``) are InternVL-Chat directories in
-the published layout, with the tokenizer; ``--resume_from_checkpoint latest`` continues from the newest one.
+the published layout, with the tokenizer; ``--resume_from_checkpoint latest`` continues from the newest complete
+one (an interrupted save, without ``trainer_state.json``, is passed over).
 """
 from __future__ import annotations
 
