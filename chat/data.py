@@ -101,6 +101,7 @@ class Example:
     num_tokens: int
     dropped_rounds: int = 0
     truncated_tokens: int = 0
+    augment: bool = False  # the meta file's data_augment: JPEG re-compression of each tile
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 raise _Bad(f'{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images')
         per_image = max(1, (source.max_dynamic_patch or self.max_tiles) // max(1, len(images)))
         tiles = [self._count_tiles(path, per_image) for path in images]
-        example = Example(str(source.annotation), index, system, turns, images, tiles, per_image, num_tokens=0)
+        example = Example(str(source.annotation), index, system, turns, images, tiles, per_image, num_tokens=0,
+                          augment=source.data_augment)
         input_ids, labels = self._encode_full(example)
         total = len(input_ids)
         if strict and not any(lab != IGNORE_INDEX for lab in labels):
@@ -358,7 +360,7 @@ class SFTDataset(torch.utils.data.Dataset):
             n_images = sum(text.count(IMAGE_PLACEHOLDER) for _, text in shorter)
             candidate = Example(example.source, example.index, example.system, shorter, example.images[:n_images],
                                 example.tiles[:n_images], example.max_tiles_per_image, 0,
-                                dropped_rounds=(len(turns) - len(shorter)) // 2)
+                                dropped_rounds=(len(turns) - len(shorter)) // 2, augment=example.augment)
             length = len(self._encode_full(candidate)[0])
             if length <= self.max_length:
                 candidate.num_tokens = length
@@ -488,7 +490,7 @@ class SFTDataset(torch.utils.data.Dataset):
         tiles = []
         for path, expected in zip(ex.images, ex.tiles):
             pixels = load_image(path, self.tile_size, self.dynamic, min(self.min_tiles, ex.max_tiles_per_image),
-                                ex.max_tiles_per_image, self.use_thumbnail)
+                                ex.max_tiles_per_image, self.use_thumbnail, augment=ex.augment)
             if pixels.shape[0] != expected:
                 raise OSError(f'{path} gave {pixels.shape[0]} tiles, the scan counted {expected} '
                               '(did the file change?)')

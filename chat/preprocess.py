@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import io
 import os
+import random
 from typing import Sequence
 
 import torch
@@ -84,11 +86,26 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise OSError(f'cannot read image {path}: {err}') from None
 
 
+def jpeg_degrade(image: Image.Image, rng: random.Random | None = None) -> Image.Image:
+    """The published training augmentation (a meta-file dataset with ``data_augment``): re-encode as JPEG at a
+    quality drawn uniformly from 75..100."""
+    quality = (rng or random).randint(75, 100)
+    buffer = io.BytesIO()
+    image.convert('RGB').save(buffer, format='JPEG', quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as degraded:
+        return degraded.convert('RGB')
+
+
 def load_image(image: str | os.PathLike | Image.Image, tile_size: int = 448, dynamic: bool = False,
-               min_tiles: int = 1, max_tiles: int = 6, use_thumbnail: bool = True) -> torch.Tensor:
-    """``pixel_values`` ``[T, 3, tile_size, tile_size]`` for one image: T=1 at fixed resolution."""
+               min_tiles: int = 1, max_tiles: int = 6, use_thumbnail: bool = True,
+               augment: bool = False) -> torch.Tensor:
+    """``pixel_values`` ``[T, 3, tile_size, tile_size]`` for one image: T=1 at fixed resolution.
+    ``augment``: each tile gets ``jpeg_degrade`` (as the published training transform)."""
     img = image.convert('RGB') if isinstance(image, Image.Image) else open_image(image)
     tiles = dynamic_tiles(img, tile_size, min_tiles, max_tiles, use_thumbnail) if dynamic else [img]
+    if augment:
+        tiles = [jpeg_degrade(t) for t in tiles]
     return torch.stack([tile_to_tensor(t, tile_size) for t in tiles])
 
 

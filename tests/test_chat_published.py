@@ -234,3 +234,30 @@ def test_unfreeze_vit_layers_slices_as_published_and_drop_path_rises_linearly(ti
     model.set_drop_path_rate(0.4)
     assert [round(layer.drop_path.prob, 6) for layer in model.vision_model.encoder.layers] == [
         0.0, round(0.4 / 3, 6), round(0.8 / 3, 6), 0.4]
+
+
+def test_data_augment_recompresses_tiles_as_jpeg(tiny, data_dir):
+    _, tokenizer = tiny
+    noisy = Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy())
+    noisy.save(data_dir / 'noisy.png')
+    write_jsonl(data_dir / 'a.jsonl', [record(('human', 'q'), ('gpt', 'a.'), image='noisy.png')])
+    plain, augmented = (dataset(DataSource(data_dir / 'a.jsonl', data_dir, data_augment=flag), tokenizer)[0]
+                        for flag in (False, True))
+    difference = (plain['pixel_values'] - augmented['pixel_values']).abs().mean().item()
+    assert 0.01 < difference < 1.0, difference  # changed by JPEG artefacts, still the same picture
+
+
+def test_group_by_length_uses_the_scanned_lengths(tiny, data_dir, tmp_path):
+    from transformers import TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from chat.sft import _trainer_class
+    backbone, tokenizer = tiny
+    write_jsonl(data_dir / 'a.jsonl', [record(('human', 'q ' * n), ('gpt', 'a.')) for n in (1, 30, 5, 60)])
+    ds = dataset(data_dir / 'a.jsonl', tokenizer)
+    model = InternVLChatModel(backbone, tied_qwen2(len(tokenizer)), ChatSettings())
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to='none', per_device_train_batch_size=2,
+                             train_sampling_strategy='group_by_length')
+    sampler = _trainer_class()(model=model, args=args, train_dataset=ds)._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == ds.lengths
+    assert ds.lengths[3] > ds.lengths[1] > ds.lengths[2] > ds.lengths[0]
