@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -377,6 +379,18 @@ def _with_output_embeddings(model: InternVLChatModel, tensors: dict[str, torch.T
     return tensors
 
 
+def _remote_code_files(llm: nn.Module) -> list[Path]:
+    """The Python files of an LLM loaded as remote code (``auto_map``): the saved directory must ship them, as the
+    published V1-5 directories ship ``modeling_internlm2.py``."""
+    files = []
+    for obj in (llm, llm.config):
+        module = sys.modules.get(type(obj).__module__)
+        path = Path(getattr(module, '__file__', '') or '')
+        if module is not None and type(obj).__module__.startswith('transformers_modules.') and path.is_file():
+            files += [f for f in path.parent.glob('*.py') if f.name != '__init__.py']
+    return sorted(set(files))
+
+
 def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
                     overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                     state_dict: Mapping[str, torch.Tensor] | None = None, in_place: bool = False) -> Path:
@@ -398,6 +412,8 @@ def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tok
         save_safetensors_shards(tensors, directory, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
+        for source in _remote_code_files(model.language_model):
+            shutil.copyfile(source, directory / source.name)
         json_dump(config, directory / 'config.json')
 
     if in_place:

@@ -112,6 +112,10 @@ def test_llm_with_remote_code_needs_explicit_trust(tiny, tmp_path):
     ids = torch.tensor([[5, 7, 9]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)
+    # saving it again ships the code with it
+    again = save_chat_model(loaded, tmp_path / 'again', tokenizer=tokenizer)
+    assert {'configuration_tiny_remote.py', 'modeling_tiny_remote.py'} <= {f.name for f in again.glob('*.py')}
+    assert type(load_chat_model(again, trust_remote_code=True).language_model).__name__ == 'TinyRemoteForCausalLM'
 
 
 # ---------------------------------------------------------------------------------------------------- data
