@@ -10,7 +10,7 @@ from safetensors import safe_open
 from chat import ChatCheckpointError, ChatSettings, InternVLChatModel, load_chat_model, save_chat_model
 from chat.checkpoint import build_from_parts, read_projector
 from chat.data import BadRecordError, DataSource, SFTDataset, load_meta_file
-from chat.tiny import build_tiny_parts, build_tiny_tokenizer, colour_square
+from chat.tiny import build_tiny_parts, colour_square
 from chat.tokenization import prepare_tokenizer
 
 
