@@ -24,6 +24,7 @@ the file is executed. Any other global is refused.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -567,8 +569,11 @@ def _infer_from_tensors(sd: Mapping[str, torch.Tensor]) -> dict:
     fields = dict(embed_dim=int(width), in_chans=int(in_chans), patch_size=int(patch), depth=layers[-1] + 1,
                   qkv_bias=first + 'attn.qkv.bias' in sd, qk_norm=first + 'attn.q_norm.weight' in sd,
                   norm_type='layer_norm' if first + 'norm1.bias' in sd else 'rms_norm')
-    if first + 'mlp.fc1.weight' in sd:
-        fields['mlp_dim'] = int(sd[first + 'mlp.fc1.weight'].shape[0])
+    # The width most layers have: a single wrong tensor (even in layer 0) is then the one reported as mismatched.
+    mlp_widths = Counter(int(sd[f'encoder.layers.{i}.mlp.fc1.weight'].shape[0]) for i in layers
+                         if f'encoder.layers.{i}.mlp.fc1.weight' in sd)
+    if mlp_widths:
+        fields['mlp_dim'] = mlp_widths.most_common(1)[0][0]
     if POS_KEY in sd:
         n = sd[POS_KEY].shape[1] - 1
         side = math.isqrt(n)
@@ -790,21 +795,34 @@ def _detect_or_none(keys: Iterable[str]) -> tuple[str, str] | None:
 
 
 # ------------------------------------------------------------------------------------------------- writing
+# Every directory written through atomic_dir holds this marker; overwrite=True replaces only such a directory, so
+# "--overwrite" can never delete a run directory, a dataset or any other folder this code did not write.
+EXPORT_MARKER = '.internvit_export'
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out_dir``; it becomes ``out_dir`` only once complete."""
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()
+               ) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; it becomes ``out_dir`` only once complete.
+
+    ``overwrite`` replaces an existing ``out_dir`` only if it is a previous output (it holds ``EXPORT_MARKER``)
+    and contains none of ``sources``. The old directory is moved aside, the new one renamed in, then the old one
+    deleted; a crash between the two renames is repaired by the next call for the same ``out_dir``.
+    """
     out = Path(out_dir).expanduser().absolute()
-    _refuse_existing(out, overwrite)
+    check_replaceable(out, overwrite, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
     try:
         yield tmp
+        (tmp / EXPORT_MARKER).write_text(json.dumps({'written_by': 'backbones.weights.atomic_dir',
+                                                     'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}) + '\n')
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
-        _refuse_existing(out, overwrite)
+        check_replaceable(out, overwrite, sources)
         if out.exists() or out.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
             os.rename(out, old / out.name)
-            os.rename(tmp, out)
+            os.rename(tmp, out)  # a crash before this line leaves out in old/: recover_interrupted_replace
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
@@ -813,15 +831,51 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def recover_interrupted_replace(out: str | os.PathLike) -> None:
+    """Repair what a crash inside ``atomic_dir``'s replacement left: put a moved-aside ``out`` back if ``out`` is
+    missing, delete moved-aside copies that were already replaced."""
+    out = Path(out).expanduser().absolute()
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f'.{glob.escape(out.name)}.old-*')):
+        kept = old / out.name
+        if not (old.is_dir() and (kept.exists() or kept.is_symlink())):
+            continue
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(kept, out)
+            shutil.rmtree(old, ignore_errors=True)
+            print_log(f'{out} was missing after an interrupted replacement; restored the previous one from {old}',
+                      logger='current', level=30)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not overwrite:
+def check_replaceable(out: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an existing ``out`` unless ``overwrite``, and even then unless it is a previous output of
+    ``atomic_dir`` (marked with ``EXPORT_MARKER``) that holds none of ``sources`` (the files being exported)."""
+    out = Path(out).expanduser().absolute()
+    recover_interrupted_replace(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
         raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to replace it')
+    if not (out.is_dir() and (out / EXPORT_MARKER).is_file()):
+        what = 'a directory' if out.is_dir() else 'a file' if out.exists() else 'a broken link'
+        raise FileExistsError(f'{out} is {what} that is not a previous export (it has no {EXPORT_MARKER}); '
+                              f'--overwrite only replaces an earlier output of this exporter. Choose another '
+                              f'output directory or remove {out} yourself')
+    real_out = out.resolve()
+    for source in sources:
+        real_source = Path(source).expanduser().resolve()
+        if real_source == real_out or _is_within(real_source, real_out):
+            raise FileExistsError(f'refusing to replace {out}: it contains the source {source}; write the export '
+                                  f'to another directory')
 
 
 def _as_torch_dtype(dtype) -> torch.dtype | None:
@@ -892,21 +946,23 @@ def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_
 
 def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_dir: str | os.PathLike, *,
              image_size: int | None = None, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2 ** 30,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Write an HF ``InternVisionModel`` directory (config.json + safetensors), loadable by the published code.
 
     The position embedding is resampled to ``image_size`` (default: the arch's) and config.json says so.
     Written into a temporary directory beside ``out_dir`` and renamed at the end; an existing ``out_dir`` is
-    refused unless ``overwrite``, and then replaced only once the new one is complete.
+    refused unless ``overwrite`` and a previous export not containing ``source`` (the file or directory the
+    weights came from, also named in errors about them), and then replaced only once the new one is complete.
     """
     out = Path(out_dir)
-    _refuse_existing(out.expanduser().absolute(), overwrite)
+    sources = [source] if source is not None else []
+    check_replaceable(out, overwrite, sources)
     dtype = _as_torch_dtype(dtype)
-    sd, target = _prepare_export(state_dict, arch, image_size, str(out))
+    sd, target = _prepare_export(state_dict, arch, image_size, str(source or 'the exported state dict'))
     config = hf_config_from_arch(target)
     tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in sd.items()}
     config['torch_dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, sources) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
     print_log(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
@@ -916,7 +972,7 @@ def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_di
 
 def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_dir: str | os.PathLike, *,
                     image_size: int | None = None, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2 ** 30,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Write the vision tower in transformers' native layout (``InternVLVisionModel.from_pretrained(out_dir)``).
 
     Same atomicity rules as ``write_hf``. transformers' q/k norms use eps 1e-6 whatever the config says, so an
@@ -926,13 +982,14 @@ def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
         raise WeightsError(f"transformers' InternVLVisionModel fixes the q/k-norm eps at 1e-6; this arch has "
                            f'{arch.norm_eps}')
     out = Path(out_dir)
-    _refuse_existing(out.expanduser().absolute(), overwrite)
+    sources = [source] if source is not None else []
+    check_replaceable(out, overwrite, sources)
     dtype = _as_torch_dtype(dtype)
-    sd, target = _prepare_export(state_dict, arch, image_size, str(out))
+    sd, target = _prepare_export(state_dict, arch, image_size, str(source or 'the exported state dict'))
     tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in from_canonical(sd, 'native').items()}
     config = native_config_from_arch(target)
     config['dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, sources) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
     print_log(f'wrote native InternVLVisionModel directory {out}', logger='current')
@@ -992,7 +1049,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
             _is_within(chat.resolve(), out.resolve()):
         raise WeightsError(f'refusing to write {out} over or inside the chat checkpoint {chat}: '
                            'the export is never made in place; choose another output directory')
-    _refuse_existing(out, overwrite)
+    check_replaceable(out, overwrite, [source] if Path(source).exists() else [])
     config = _read_config(chat)
     vision = vision_config_of(config)
     if vision is None or 'vision_config' not in (config or {}):
@@ -1030,7 +1087,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
                            + '; '.join(mismatched[:5]) + (f'; and {len(mismatched) - 5} more'
                                                          if len(mismatched) > 5 else ''))
     touched = {files[k] for k in specs}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, [source] if Path(source).exists() else []) as tmp:
         for item in _walk_files(chat):
             rel = item.relative_to(chat)
             target = tmp / rel
