@@ -865,17 +865,17 @@ def check_replaceable(out: str | os.PathLike, overwrite: bool, sources: Iterable
         return
     if not overwrite:
         raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to replace it')
+    real_out = out.resolve()
+    for source in sources:
+        real_source = Path(source).expanduser().resolve()
+        if real_source == real_out or _is_within(real_source, real_out):
+            raise FileExistsError(f'refusing to replace {out}: it contains the source {source}; the export is '
+                                  f'never made in place, write it to another directory')
     if not (out.is_dir() and (out / EXPORT_MARKER).is_file()):
         what = 'a directory' if out.is_dir() else 'a file' if out.exists() else 'a broken link'
         raise FileExistsError(f'{out} is {what} that is not a previous export (it has no {EXPORT_MARKER}); '
                               f'--overwrite only replaces an earlier output of this exporter. Choose another '
                               f'output directory or remove {out} yourself')
-    real_out = out.resolve()
-    for source in sources:
-        real_source = Path(source).expanduser().resolve()
-        if real_source == real_out or _is_within(real_source, real_out):
-            raise FileExistsError(f'refusing to replace {out}: it contains the source {source}; write the export '
-                                  f'to another directory')
 
 
 def _as_torch_dtype(dtype) -> torch.dtype | None:

@@ -44,7 +44,7 @@ def test_overwrite_never_replaces_the_run_directory_holding_the_source(run_dir, 
     assert export_tool([str(run_dir / 'iter_40.pth'), str(run_dir), '--overwrite', *ARGS]) == 2
     assert _contents(run_dir) == before  # every checkpoint, the source itself, still there
     err = capsys.readouterr().err
-    assert f'{run_dir} is a directory that is not a previous export (it has no {EXPORT_MARKER})' in err
+    assert f'refusing to replace {run_dir}: it contains the source {run_dir / "iter_40.pth"}' in err
 
 
 def test_overwrite_refuses_unmarked_directories_and_files(run_dir, tmp_path, capsys):
@@ -72,7 +72,8 @@ def test_overwrite_replaces_a_previous_export_but_not_one_holding_the_source(run
     assert _contents(tmp_path) == ['exported', 'run']  # no temporary or moved-aside directories left
     # an export read as SRC and written over itself: refused, the export kept
     assert export_tool([str(out), str(out), '--overwrite', *ARGS]) == 2
-    assert f'refusing to replace {out}: it contains the source {out}' in capsys.readouterr().err
+    assert f'refusing to replace {out}: it contains the source {out}; the export is never made in place' \
+        in capsys.readouterr().err
     assert torch.equal(read_weights(out).state_dict[name], second[name])
 
 

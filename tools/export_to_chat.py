@@ -94,7 +94,8 @@ def _forward(model: InternViT, images: torch.Tensor) -> torch.Tensor:
 def export(args: argparse.Namespace) -> int:
     start = time.time()
     out = Path(args.out)
-    check_replaceable(out, args.overwrite, [args.src])  # before the (long) read; checked again before the rename
+    # before the (long) read; checked again before the rename
+    check_replaceable(out, args.overwrite, [args.src] + ([args.into_chat] if args.into_chat else []))
 
     log(f'reading {args.src}')
     weights = read_weights(args.src)
