@@ -9,6 +9,7 @@ them up without scope):
 - ``CheckedADE20KDataset`` (with few-shot ``fraction``), ``SyntheticADE20KDataset``, ``LoadAndCheckAnnotations``;
 - ``InternViTBlockFSDP`` (model wrapper): FSDP with one shard unit per InternViT block, blocks in bf16;
 - hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``;
+- ``SafeCheckpointHook`` and ``ExactResumeHook`` (``segmentation.run_safety``; ``prepare_config`` puts them in);
 
 and makes MMEngine's local checkpoint writes atomic (``segmentation.atomic_io``).
 """
@@ -22,9 +23,10 @@ from .heads import LinearBNHead  # noqa: E402
 from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
+from .run_safety import ExactResumeHook, SafeCheckpointHook  # noqa: E402
 
 install_atomic_local_backend()
 
 __all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
            'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',
-           'InternViTBlockFSDP', 'SegOverlayHook', 'RankConsistencyHook']
+           'InternViTBlockFSDP', 'SegOverlayHook', 'RankConsistencyHook', 'SafeCheckpointHook', 'ExactResumeHook']

@@ -39,6 +39,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if osp.isdir(path):
+            raise IsADirectoryError(f'{what} {path} is a directory, not a {what} file')
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path} does not exist')
     cfg = Config.fromfile(args.config)
