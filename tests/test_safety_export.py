@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from backbones.internvit import InternViT
-from backbones.weights import EXPORT_MARKER, WeightsError, arch_for_weights, read_weights, write_hf
+from backbones.arch_config import arch_for_weights
+from backbones.atomic import EXPORT_MARKER
+from backbones.layouts import WeightsError
+from backbones.reading import read_weights
+from backbones.writing import write_hf
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,6 @@ unpickled, an exact resume, and refusals as clear errors before training starts.
 import logging
 import os
 import os.path as osp
-import pickle
 import runpy
 import socket
 import subprocess
