@@ -238,3 +238,33 @@ def test_linear_probe_resume_repeats_an_uninterrupted_run_exactly(tmp_path, monk
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     print(f'\nprobe resumed vs uninterrupted: max abs difference {worst:.3g}')
     assert worst <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------- item 7
+def test_a_truncated_checkpoint_is_named_on_resume_and_as_load_from(data_root, tmp_path):
+    from backbones.compat import CorruptCheckpointError
+    work_dir = tmp_path / 'run'
+    train(data_root, work_dir, 1)
+    checkpoint = work_dir / 'iter_1.pth'
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[:len(data) // 2])  # a copy cut short
+    with pytest.raises(CorruptCheckpointError, match=f'cannot read checkpoint {checkpoint}: the file is corrupt or '
+                                                     'truncated'):
+        train(data_root, work_dir, 2, '--resume')
+    with pytest.raises(CorruptCheckpointError, match=f'cannot read checkpoint {checkpoint}: the file is corrupt or '
+                                                     'truncated'):
+        train(data_root, tmp_path / 'other', 1, load_from=str(checkpoint))
+
+
+def test_a_corrupt_annotation_png_is_named(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from segmentation.datasets import LoadAndCheckAnnotations
+    png = tmp_path / 'ann.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 5, (64, 64), dtype=np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:-200])  # truncated
+    transform = LoadAndCheckAnnotations(num_classes=5)
+    with pytest.raises(OSError, match=f'cannot read annotation {png}: the file is corrupt, truncated or not an '
+                                      'image'):
+        transform({'seg_map_path': str(png), 'reduce_zero_label': False, 'seg_fields': [], 'ori_shape': (64, 64)})
