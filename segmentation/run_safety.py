@@ -19,6 +19,7 @@
 - :func:`install_run_safety`: puts the two hooks into a config (``prepare_config`` calls it).
 - :func:`check_cfg_options`: refuses ``--cfg-options`` keys that nothing reads (a top-level config variable such
   as ``max_iters`` was already copied where it is used when the file was read).
+- :func:`finish_run`: stops data workers and the process group explicitly at the end of a run.
 """
 from __future__ import annotations
 
@@ -307,6 +308,39 @@ class ExactResumeHook(Hook):
         if self._outside_validation is not None:
             set_random_states(self._outside_validation)
             self._outside_validation = None
+
+
+# ------------------------------------------------------------------------------------------------- teardown
+def _shutdown_workers(iterator) -> None:
+    inner = getattr(iterator, '_iterator', None)  # MMEngine's _InfiniteDataloaderIterator wraps torch's
+    for it in (iterator, inner):
+        if it is not None and hasattr(it, '_shutdown_workers'):
+            it._shutdown_workers()
+
+
+def finish_run(runner=None, synchronize: bool = True) -> None:
+    """End a run explicitly: stop the data workers of its loaders, then (all ranks together) the process group.
+
+    Left to interpreter exit, a gloo process group and worker processes are destroyed in arbitrary order, and
+    under load a rank can abort with SIGABRT ("terminate called without an active exception") after its work is
+    done. ``synchronize=False`` (after an error, when the other ranks may be anywhere) skips the final barrier.
+    Safe to call without a runner, without distribution, and more than once.
+    """
+    import torch.distributed as torch_dist
+    if runner is not None:
+        for name in ('_train_loop', '_val_loop', '_test_loop'):
+            loop = getattr(runner, name, None)
+            if loop is None or isinstance(loop, dict):
+                continue  # never built
+            _shutdown_workers(getattr(loop, 'dataloader_iterator', None))
+            loader = getattr(loop, 'dataloader', None)
+            _shutdown_workers(loader)
+            if loader is not None and getattr(loader, '_iterator', None) is not None:
+                loader._iterator = None  # persistent workers: the loader keeps its iterator
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        if synchronize:
+            torch_dist.barrier()  # no rank leaves while another still talks to it
+        torch_dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------- config

@@ -18,6 +18,7 @@ import backbones  # noqa: E402,F401
 from backbones.compat import trust_checkpoints_in  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
+from segmentation.run_safety import finish_run  # noqa: E402
 from segmentation.runtime import build_runner, init_distributed_without_cuda, prepare_config  # noqa: E402
 
 
@@ -54,9 +55,18 @@ def main(argv=None):
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='SegOverlayHook', out_dir=osp.abspath(args.show_dir), max_images=args.max_overlays)]
     init_distributed_without_cuda(args.launcher)
-    runner = build_runner(cfg)
-    trust_checkpoints_in(None)  # nothing to resume here, so no file needs full unpickling
-    return runner.test()
+    runner = None
+    try:
+        runner = build_runner(cfg)
+        trust_checkpoints_in(None)  # nothing to resume here, so no file needs full unpickling
+        metrics = runner.test()
+    except BaseException:
+        if args.launcher != 'none':
+            finish_run(runner, synchronize=False)
+        raise
+    if args.launcher != 'none':
+        finish_run(runner)  # data workers and the process group, explicitly (no SIGABRT at exit)
+    return metrics
 
 
 if __name__ == '__main__':

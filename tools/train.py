@@ -24,7 +24,7 @@ import backbones  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT regi
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from segmentation.run_safety import (ConfigOptionError, WorkDirLock, WorkDirLockedError,  # noqa: E402
-                                     check_cfg_options)
+                                     check_cfg_options, finish_run)
 from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
                                   trust_work_dir)
 
@@ -108,12 +108,19 @@ def main(argv=None):
         elif args.overwrite and _is_rank_zero():
             forget_previous_run(cfg.work_dir)
         init_distributed_without_cuda(args.launcher)
-        runner = build_runner(cfg)
-        trust_work_dir(cfg)  # full unpickling only for --resume, only inside the work dir
+        runner = None
         try:
+            runner = build_runner(cfg)
+            trust_work_dir(cfg)  # full unpickling only for --resume, only inside the work dir
             runner.train()
+        except BaseException:
+            if args.launcher != 'none':
+                finish_run(runner, synchronize=False)
+            raise
         finally:
             trust_checkpoints_in(None)
+        if args.launcher != 'none':
+            finish_run(runner)  # data workers and the process group, explicitly (no SIGABRT at exit)
     return runner
 
 
