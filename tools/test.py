@@ -18,7 +18,7 @@ import backbones  # noqa: E402,F401
 from backbones.compat import trust_checkpoints_in  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from segmentation.run_safety import finish_run  # noqa: E402
+from segmentation.run_safety import check_cfg_options, finish_run  # noqa: E402
 from segmentation.runtime import build_runner, init_distributed_without_cuda, prepare_config  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def main(argv=None):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path} does not exist')
     cfg = Config.fromfile(args.config)
+    check_cfg_options(cfg, args.cfg_options)
     cfg.merge_from_dict(args.cfg_options)
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
