@@ -243,8 +243,10 @@ def describe_state_dict_difference(checkpoint: Mapping[str, torch.Tensor], model
         return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
     missing = [k for k in model if k not in checkpoint]
     unexpected = [k for k in checkpoint if k not in model]
+    # `_extra_state` entries (a module's get_extra_state, e.g. serialized metadata) have no fixed shape
     shapes = [f'{k}: checkpoint {tuple(checkpoint[k].shape)} vs model {tuple(model[k].shape)}' for k in model
-              if k in checkpoint and hasattr(checkpoint[k], 'shape') and checkpoint[k].shape != model[k].shape]
+              if k in checkpoint and not k.endswith('_extra_state') and hasattr(checkpoint[k], 'shape')
+              and hasattr(model[k], 'shape') and checkpoint[k].shape != model[k].shape]
     lines = []
     if missing:
         lines.append(f'missing {len(missing)} tensors of the model: {few(missing)}')
