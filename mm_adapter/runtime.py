@@ -4,7 +4,9 @@
 - ``--amp``: ``AmpOptimWrapper`` in bf16 where the GPU supports it (fp16 with dynamic loss scaling otherwise);
 - without CUDA (CPU runs, the tests): AMP is turned off, bf16/fp16 InternViT backbones run in fp32, distributed
   runs use gloo and CPU model wrappers -- each change is logged;
-- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies).
+- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies);
+- the checkpoint hook deletes outdated checkpoints only after the new one is complete, and checkpoints hold the
+  random states for an exact resume (``segmentation.run_safety``).
 """
 from __future__ import annotations
 
@@ -127,6 +129,8 @@ def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None
         cfg.load_from = None if resume == 'auto' else resume
     if not torch.cuda.is_available():
         adapt_to_cpu(cfg)
+    from .run_safety import install_run_safety
+    install_run_safety(cfg)  # rotation after the new checkpoint is written; random states saved for exact resume
     return cfg
 
 
@@ -151,6 +155,7 @@ def build_runner(cfg: Config):
     return Runner.from_cfg(cfg)
 
 
-def trust_work_dir(cfg: Config) -> str:
-    """Full unpickling only for checkpoints inside this run's work dir (see ``mm_adapter.compat``)."""
-    return trust_checkpoints_in(cfg.work_dir)
+def trust_work_dir(cfg: Config) -> Optional[str]:
+    """Full unpickling only to resume (``cfg.resume``), and then only checkpoints inside this run's work dir (see
+    ``mm_adapter.compat``); ``load_from`` and everything else load with ``weights_only=True``, wherever they are."""
+    return trust_checkpoints_in(cfg.work_dir if cfg.get('resume') else None)

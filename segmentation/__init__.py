@@ -9,6 +9,7 @@ them up without scope):
 - ``CheckedADE20KDataset`` (with few-shot ``fraction``), ``SyntheticADE20KDataset``, ``LoadAndCheckAnnotations``;
 - ``InternViTBlockFSDP`` (model wrapper): FSDP with one shard unit per InternViT block, blocks in bf16;
 - hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``;
+- ``SafeCheckpointHook`` and ``ExactResumeHook`` (``segmentation.run_safety``; ``prepare_config`` puts them in);
 
 """
 import mm_adapter  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)

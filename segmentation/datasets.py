@@ -130,8 +130,12 @@ class LoadAndCheckAnnotations(LoadAnnotations):
         self.ignore_index = ignore_index
 
     def _load_seg_map(self, results: dict) -> None:
-        super()._load_seg_map(results)
         path = results['seg_map_path']
+        try:
+            super()._load_seg_map(results)
+        except (OSError, ValueError, TypeError, AttributeError, SyntaxError) as err:  # PIL/cv2 decoding errors
+            raise OSError(f'cannot read annotation {path}: the file is corrupt, truncated or not an image '
+                          f'({type(err).__name__}: {err})') from err
         seg = results['gt_seg_map']
         if seg.ndim != 2:
             raise ValueError(f'annotation {path} has shape {seg.shape}; expected a single-channel label image')
