@@ -4,7 +4,10 @@
 - ``--amp``: ``AmpOptimWrapper`` in bf16 where the GPU supports it (fp16 with dynamic loss scaling otherwise);
 - without CUDA (CPU runs, the tests): AMP is turned off, bf16/fp16 InternViT backbones run in fp32, distributed
   runs use gloo and CPU model wrappers -- each change is logged;
-- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies).
+- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies),
+  which loads ``load_from`` (and the checkpoint of ``tools/test.py``) strictly, in the project's names or the
+  published segmentor layout (``segmentation.strict_loading``; ``allow_partial_load=True`` in the config for a
+  deliberate partial load).
 """
 from __future__ import annotations
 
@@ -121,11 +124,16 @@ def init_distributed_without_cuda(launcher: str) -> None:
 
 
 def build_runner(cfg: Config):
+    from segmentation.published_layout import to_project
+    from segmentation.strict_loading import install_strict_loading
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
-        return RUNNERS.build(cfg)
-    from mmengine.runner import Runner
-    return Runner.from_cfg(cfg)
+        runner = RUNNERS.build(cfg)
+    else:
+        from mmengine.runner import Runner
+        runner = Runner.from_cfg(cfg)
+    install_strict_loading(runner, allow_partial=bool(cfg.get('allow_partial_load', False)), convert=to_project)
+    return runner
 
 
 def trust_work_dir(cfg: Config) -> str:

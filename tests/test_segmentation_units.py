@@ -63,10 +63,10 @@ def test_linear_bn_head_is_bn_then_1x1_conv():
     head.eval()
     x = torch.randn(2, 16, 7, 7)
     with torch.no_grad():
-        head.bn.running_mean.uniform_(-1, 1)
-        head.bn.running_var.uniform_(0.5, 2)
+        head.norm.running_mean.uniform_(-1, 1)
+        head.norm.running_var.uniform_(0.5, 2)
         expected = head.conv_seg(torch.nn.functional.batch_norm(
-            x, head.bn.running_mean, head.bn.running_var, head.bn.weight, head.bn.bias, eps=head.bn.eps))
+            x, head.norm.running_mean, head.norm.running_var, head.norm.weight, head.norm.bias, eps=head.norm.eps))
         assert torch.allclose(head([x]), expected, atol=1e-6)
     assert head.conv_seg.kernel_size == (1, 1)
     with pytest.raises(ValueError, match='channels must equal the input channels'):
