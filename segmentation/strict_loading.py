@@ -128,9 +128,13 @@ def load_checkpoint_strictly(model: nn.Module, filename: str, allow_partial: boo
     """Read ``filename``, convert its layout (``convert``), load it strictly; returns the checkpoint dict with
     the converted ``state_dict``."""
     state_dict, checkpoint = read_checkpoint(filename)
+    source = filename
     if convert is not None:
-        state_dict = convert(state_dict)
-    load_state_dict_strictly(model, state_dict, filename, allow_partial)
+        converted = convert(state_dict)
+        if converted.keys() != state_dict.keys():
+            source = f"{filename} (names below after mapping the file's layout to the model's)"
+        state_dict = converted
+    load_state_dict_strictly(model, state_dict, source, allow_partial)
     checkpoint['state_dict'] = state_dict
     return checkpoint
 

@@ -5,12 +5,9 @@ values: bf16 backbone, fp32 heads, bare or ``{'meta', 'state_dict'}``. They are 
 every tensor must arrive in the model (the model's state equals the file after the key mapping), and the model's
 outputs must equal a forward pass written here from the file's tensors alone.
 """
-import os
 import os.path as osp
 import re
 import runpy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -66,14 +63,6 @@ model = dict(
                      loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
 custom_hooks = [dict(type='KeepTestedModelHook')]
 '''
-FSDP = '''
-runner_type = 'FlexibleRunner'
-strategy = dict(type='FSDPStrategy', state_dict_cfg='full',
-                model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype=None))
-custom_hooks = []
-'''
-
-
 def write(path, text):
     path.write_text(text)
     return str(path)
@@ -213,10 +202,10 @@ def run_test_tool(argv):
     return namespace['main'](argv)
 
 
-def evaluate(config, checkpoint, data_root, work_dir, **extra):
+def evaluate(config, checkpoint, data_root, work_dir, launcher='none', **extra):
     KeepTestedModelHook.models.clear()
-    metrics = run_test_tool([config, checkpoint, '--work-dir', str(work_dir), '--cfg-options',
-                             *as_cli({**data_options(data_root), **extra})])
+    metrics = run_test_tool([config, checkpoint, '--work-dir', str(work_dir), '--launcher', launcher,
+                             '--cfg-options', *as_cli({**data_options(data_root), **extra})])
     return metrics, KeepTestedModelHook.models[-1]
 
 
@@ -333,35 +322,80 @@ def test_flexible_runner_loads_before_wrapping_and_refuses(linear_file, data_roo
         evaluate(config, bad, data_root, tmp_path / 'flexible_bad')
 
 
-def dist_test(config, checkpoint, data_root, work_dir):
-    """tools/dist_test.sh CONFIG CHECKPOINT 1 (torchrun, gloo on the CPU)."""
+STRATEGIES = {
+    'fsdp': """
+runner_type = 'FlexibleRunner'
+strategy = dict(type='FSDPStrategy', state_dict_cfg='full',
+                model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype=None))
+""",
+    'deepspeed': """
+runner_type = 'FlexibleRunner'
+strategy = dict(type='DeepSpeedStrategy', zero_optimization=dict(stage=3), train_micro_batch_size_per_gpu=2,
+                gradient_accumulation_steps=1)
+optim_wrapper = dict(_delete_=True, type='DeepSpeedOptimWrapper', optimizer=dict(type='AdamW', lr=1e-4))
+""",
+}
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-process gloo group, as torchrun would set up (tools/test.py --launcher pytorch); torn down after."""
     import socket
+    import torch.distributed as dist
+    import mmengine._strategy.deepspeed as engine_deepspeed
+    try:  # MMEngine registers DeepSpeed's optimizers without force=True in every DeepSpeedStrategy: once only
+        engine_deepspeed.register_deepspeed_optimizers()
+    except KeyError:
+        pass  # registered earlier in this process
+    monkeypatch.setattr(engine_deepspeed, 'register_deepspeed_optimizers', lambda: [])
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', PYTHON=sys.executable, PORT=str(port))
-    return subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_test.sh'), config, checkpoint, '1',
-                           '--work-dir', str(work_dir), '--cfg-options', *as_cli(data_options(data_root))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    for key, value in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', LOCAL_WORLD_SIZE='1',
+                           MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def test_fsdp_runner_evaluates_a_published_file_and_refuses_a_misfit(upernet_file, data_root, tmp_path):
-    plain, _ = evaluate(write(tmp_path / 'upernet.py', UPERNET),
-                         save(upernet_file, tmp_path / 'good.pth', wrapped=False), data_root, tmp_path / 'plain')
-    config = write(tmp_path / 'upernet_fsdp.py', UPERNET + FSDP)
-    proc = dist_test(config, str(tmp_path / 'good.pth'), data_root, tmp_path / 'fsdp')
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert f'Loaded {len(upernet_file)} tensors from {tmp_path / "good.pth"} (strict: yes)' in log
-    miou = float(re.findall(r'mIoU: ([\d.]+)', log)[-1])
-    assert miou == pytest.approx(plain['mIoU'], abs=0.011)  # logged with 2 decimals
-    sd, name = broken(upernet_file, 'shape')
-    sd['decode_head.conv_seg.weight'] = torch.zeros(CLASSES + 1, 32, 1, 1)
-    bad = save(sd, tmp_path / 'shape.pth', wrapped=True)
-    proc = dist_test(config, bad, data_root, tmp_path / 'fsdp_bad')
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert 'CheckpointMismatchError' in log and bad in log and 'decode_head.conv_seg.weight file (6, 32, 1, 1)' in log
+@pytest.fixture(scope='module')
+def plain_upernet_metrics(upernet_file, data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('plain')
+    metrics, _ = evaluate(write(tmp / 'upernet.py', UPERNET), save(upernet_file, tmp / 'good.pth', wrapped=False),
+                          data_root, tmp / 'work')
+    return metrics
+
+
+@pytest.mark.parametrize('strategy', ['fsdp', 'deepspeed'])
+def test_distributed_strategies_evaluate_a_published_file(strategy, upernet_file, plain_upernet_metrics, data_root,
+                                                          tmp_path, one_rank_group):
+    """FSDP and DeepSpeed ZeRO-3 (one gloo rank on the CPU): the file is loaded into the bare model before the
+    strategy shards it, so the evaluation equals the plain runner's, whose model holds every tensor (above)."""
+    if strategy == 'deepspeed':
+        pytest.importorskip('deepspeed')
+    config = write(tmp_path / f'upernet_{strategy}.py', UPERNET + STRATEGIES[strategy])
+    checkpoint = save(upernet_file, tmp_path / 'good.pth', wrapped=strategy == 'fsdp')
+    metrics, model = evaluate(config, checkpoint, data_root, tmp_path / 'work', launcher='pytorch')
+    assert type(model).__name__ == {'fsdp': 'InternViTBlockFSDP', 'deepspeed': 'MMDeepSpeedEngineWrapper'}[strategy]
+    for key in ('mIoU', 'aAcc', 'mAcc'):
+        assert metrics[key] == pytest.approx(plain_upernet_metrics[key], abs=1e-4)
+
+
+@pytest.mark.parametrize('strategy', ['fsdp', 'deepspeed'])
+@pytest.mark.parametrize('kind', KINDS)
+def test_distributed_strategies_refuse_a_file_that_does_not_fit(strategy, kind, upernet_file, data_root, tmp_path,
+                                                                one_rank_group):
+    if strategy == 'deepspeed':
+        pytest.importorskip('deepspeed')
+    config = write(tmp_path / f'upernet_{strategy}.py', UPERNET + STRATEGIES[strategy])
+    sd, name = broken(upernet_file, kind)
+    if kind == 'shape':
+        sd['decode_head.conv_seg.weight'] = torch.zeros(CLASSES + 1, 32, 1, 1)  # UPerHead channels 32
+        name = r'decode_head.conv_seg.weight file \(6, 32, 1, 1\) vs model \(5, 32, 1, 1\)'
+    checkpoint = save(sd, tmp_path / f'{kind}.pth', wrapped=True)
+    with pytest.raises(CheckpointMismatchError, match=rf'{re.escape(checkpoint)}.*{MESSAGES[kind]}.*{name}'):
+        evaluate(config, checkpoint, data_root, tmp_path / 'work', launcher='pytorch')
 
 
 def test_published_layout_round_trip_is_exact(upernet_file):
