@@ -152,3 +152,27 @@ class LoadAndCheckAnnotations(LoadAnnotations):
             raise ValueError(f'annotation {path} has label value(s) {raw[:10]} above the class count: the dataset '
                              f'has {num_classes} classes, so the file may only hold {valid} '
                              f'(or {self.ignore_index}, ignored)')
+
+
+@register_everywhere('TRANSFORMS')
+class ResizeShortSide:
+    """Resize keeping the aspect ratio so that the short side is ``size`` (the long side is not limited).
+
+    The published head/full-tuning test pipelines (mmseg 0.x ``SETR_Resize`` with ``setr_multi_scale``): the target
+    is computed in floats and handed to mmcv's rescale, as there. mmseg 1.x's ``ResizeShortestEdge`` rounds the
+    target first and caps the long side, which may differ by a pixel.
+    """
+
+    def __init__(self, size: int = 504, interpolation: str = 'bilinear'):
+        from mmcv.transforms import Resize
+        self.size = size
+        self.resize = Resize(scale=(size, size), keep_ratio=True, interpolation=interpolation)
+
+    def __call__(self, results: dict) -> dict:
+        h, w = results['img'].shape[:2]
+        # Floats, computed as published; mmcv's imrescale then takes the factor from them.
+        self.resize.scale = (self.size, self.size * h / w) if h > w else (self.size * w / h, self.size)
+        return self.resize(results)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(size={self.size})'

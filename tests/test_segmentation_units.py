@@ -87,12 +87,15 @@ def test_layer_ids_follow_internvit_names():
         internvit_layer_id('backbone.encoder.layers.50.ls1', 48)
 
 
-def test_layer_decay_groups_lrs_and_weight_decay():
+@pytest.mark.parametrize('embeddings_weight_decay', [True, False], ids=['published', 'exempt-embeddings'])
+def test_layer_decay_groups_lrs_and_weight_decay(embeddings_weight_decay):
     model = MODELS.build(tiny_model_cfg(preset='internvit_tiny').model)  # RMSNorm + qk-norm, like 6B
     base_lr, wd, rate, depth = 1e-3, 0.05, 0.9, 4
+    paramwise = dict(layer_decay_rate=rate)
+    if not embeddings_weight_decay:
+        paramwise['embeddings_weight_decay'] = False  # the published runs decayed them: that is the default
     wrapper = InternViTLayerDecayOptimizerConstructor(
-        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=base_lr, weight_decay=wd)),
-        dict(layer_decay_rate=rate))(model)
+        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=base_lr, weight_decay=wd)), paramwise)(model)
     by_param = {}
     for group in wrapper.optimizer.param_groups:
         for p in group['params']:
@@ -109,8 +112,10 @@ def test_layer_decay_groups_lrs_and_weight_decay():
     assert group_of('backbone.embeddings.patch_embedding.weight')['lr'] == pytest.approx(base_lr * rate ** 5)
     assert group_of('backbone.encoder.layers.3.mlp.fc1.weight')['lr'] == pytest.approx(base_lr * rate)
     assert group_of('decode_head.conv_seg.weight')['lr'] == pytest.approx(base_lr)
-    no_decay = ['backbone.embeddings.position_embedding', 'backbone.embeddings.class_embedding',
-                'backbone.encoder.layers.0.ls1', 'backbone.encoder.layers.0.ls2',
+    embeddings = ['backbone.embeddings.position_embedding', 'backbone.embeddings.class_embedding']
+    for name in embeddings:
+        assert group_of(name)['weight_decay'] == (wd if embeddings_weight_decay else 0.0), name
+    no_decay = ['backbone.encoder.layers.0.ls1', 'backbone.encoder.layers.0.ls2',
                 'backbone.encoder.layers.0.norm1.weight',
                 'backbone.encoder.layers.1.norm2.weight', 'backbone.encoder.layers.2.attn.q_norm.weight',
                 'backbone.encoder.layers.2.attn.k_norm.weight', 'backbone.encoder.layers.0.attn.proj.bias',

@@ -10,7 +10,7 @@ max_iters = 300
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(preset='internvit_tiny', pretrained=None, out_indices=[0, 1, 2, 3], frozen=False, dtype=None),
-    neck=dict(in_channels=64, norm_cfg=norm_cfg),
+    neck=dict(in_channels=64),  # the published pyramid (LayerNorm in the x4 branch)
     decode_head=dict(in_channels=[64] * 4, channels=32, num_classes=num_classes, norm_cfg=norm_cfg),
     auxiliary_head=dict(in_channels=64, channels=16, num_classes=num_classes, norm_cfg=norm_cfg),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(84, 84)))
