@@ -7,9 +7,9 @@ layer ``l`` gets ``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``.
 No weight decay for norms (``norm1``/``norm2``/``q_norm``/``k_norm`` and every norm layer in neck and heads), biases
 and layer scale (``ls1``/``ls2``). ``position_embedding`` and ``class_embedding`` get the base weight decay by default,
 as in the published runs (their constructor exempted 1-D tensors, biases and the names ``pos_embed``/``cls_token``,
-which never matched the prefixed names it saw); ``paramwise_cfg.embeddings_weight_decay=False`` exempts them. The rule reads parameter names and the
-type of the module that owns each parameter, not shapes: under FSDP (``use_orig_params``) every parameter the
-optimizer sees is a flat 1-D shard.
+which never matched the prefixed names it saw); ``paramwise_cfg.embeddings_weight_decay=False`` exempts them.
+The rule reads parameter names and the type of the module that owns each parameter, not shapes: under FSDP
+(``use_orig_params``) every parameter the optimizer sees is a flat 1-D shard.
 """
 from __future__ import annotations
 
