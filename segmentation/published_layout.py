@@ -2,7 +2,7 @@
 
 The eight released files are mmseg-0.x segmentor state dicts, bare or ``{'meta': ..., 'state_dict': ...}``:
   * ``backbone.*``: InternViT in the original ``.pth`` names (``cls_token``, ``pos_embed`` [1, 1+36*36, C],
-    ``blocks.N.ls1.gamma`` ...), which ``backbones.weights`` reads as its ``original`` layout;
+    ``blocks.N.ls1.gamma`` ...), which ``backbones.layouts`` reads as its ``original`` layout;
   * ``backbone.up1.{0,1,3}.*`` / ``backbone.up2.0.*``: the UperNet settings' x4 / x2 pyramid branches, kept inside
     the published backbone; here they are ``ViTFeaturePyramid`` branches 0 and 1 (``neck.branches.{0,1}``, same
     sub-indices: ConvTranspose2d, LayerNorm, GELU, ConvTranspose2d). ``up3`` (x1) and ``up4`` (x1/2) have no
@@ -11,7 +11,7 @@ The eight released files are mmseg-0.x segmentor state dicts, bare or ``{'meta':
     settings' ``decode_head.norm.*`` (BatchNorm) and ``decode_head.conv_seg.*`` are ``LinearBNHead``'s names.
 
 ``to_project`` maps such a state dict (or any segmentor state dict whose backbone is in a layout
-``backbones.weights`` reads) onto the project's names; a state dict already in them comes back unchanged.
+``backbones.layouts`` reads) onto the project's names; a state dict already in them comes back unchanged.
 ``to_published`` is the inverse, for writing files the published code reads.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from backbones.weights import LAYOUTS, WeightsError, detect_layout, from_canonical, to_canonical
+from backbones.layouts import LAYOUTS, WeightsError, detect_layout, from_canonical, to_canonical
 
 BACKBONE = 'backbone.'
 NECK = 'neck.branches.'

@@ -18,7 +18,7 @@ Resuming (``--resume``) is left to MMEngine, unchanged. A DeepSpeed checkpoint f
 
 Before comparing, the state dict goes through ``convert`` (for segmentation: the published InternViT segmentor
 layout -> the project's names, ``segmentation.published_layout``). Files are read with
-``backbones.weights.safe_torch_load`` (``weights_only=True``; message-hub objects become inert stand-ins).
+``backbones.reading.safe_torch_load`` (``weights_only=True``; message-hub objects become inert stand-ins).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from backbones.weights import WeightsError, safe_torch_load
+from backbones.layouts import WeightsError
+from backbones.reading import safe_torch_load
 
 StateDict = dict[str, torch.Tensor]
 Converter = Callable[[StateDict], StateDict]

@@ -410,3 +410,28 @@ def test_published_layout_round_trip_is_exact(upernet_file):
     again = to_project(published)
     assert all(torch.equal(again[k], project[k]) for k in project)
     assert to_project(project).keys() == project.keys()  # the project's own names pass unchanged
+
+
+def test_backbone_trains_and_stores_the_crop_grid_resampled_once_at_load(tmp_path):
+    """img_size=CROP (504 in the 6B configs): the pretrained 4x4 grid (16x16 at 224) is resampled once at load to
+    8x8 (36x36), then that parameter is what the forward adds, what trains and what a checkpoint stores."""
+    from backbones import InternViT, resample_pos_embed
+    pretrained = InternViT('internvit_tiny')  # img_size 56: a 4x4 grid, like the 224px file's 16x16
+    with torch.no_grad():
+        pretrained.embeddings.position_embedding.normal_()
+    path = tmp_path / 'pretrained.pth'
+    torch.save(pretrained.state_dict(), path)
+    model = InternViT('internvit_tiny', img_size=CROP, pretrained=str(path), out_indices=[DEPTH - 1])
+    pos = model.embeddings.position_embedding
+    assert isinstance(pos, torch.nn.Parameter) and pos.requires_grad and pos.shape == (1, 1 + GRID * GRID, C)
+    expected = resample_pos_embed(pretrained.embeddings.position_embedding.detach(), (GRID, GRID))
+    assert torch.equal(pos.detach(), expected)
+    assert model.state_dict()['embeddings.position_embedding'].shape == (1, 1 + GRID * GRID, C)
+    model(torch.randn(1, 3, CROP, CROP))[0].sum().backward()
+    assert pos.grad is not None and pos.grad[:, 1:].abs().sum() > 0  # trained as a 36x36 parameter, not resampled
+    with torch.no_grad():  # the forward adds the stored grid as it is: a change at one position moves one token
+        before = model.embeddings(torch.zeros(1, 3, CROP, CROP))
+        pos[:, 5] += 1.0
+        after = model.embeddings(torch.zeros(1, 3, CROP, CROP))
+    changed = (after - before).abs().sum(-1)[0]
+    assert changed.nonzero().flatten().tolist() == [5]
