@@ -173,6 +173,25 @@ def test_dataset_fraction_matches_split_files(tiny_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
+def test_published_shuffle_subset_is_the_seeded_shuffle_of_sorted_names(tiny_data):
+    """The published mmseg-0.x rule, written out: sorted file names, random.seed(seed), random.shuffle, first n // k."""
+    from segmentation.datasets import published_shuffle_subset
+    names = [f'ADE_train_{i:08d}.jpg' for i in range(1, 20211)]
+    subset = published_shuffle_subset(reversed(names), 1 / 16, seed=42)
+    reference, state = sorted(names), random.getstate()
+    random.seed(42)  # what mmseg 0.x's set_random_seed did, then the dataset's random.shuffle(img_infos)
+    random.shuffle(reference)
+    random.setstate(state)
+    assert subset == reference[:20210 // 16] and len(subset) == 1263
+    assert len(published_shuffle_subset(names, 1 / 4, seed=42)) == 20210 // 4  # 5052 (the nested rule keeps 5053)
+    dataset = _dataset(tiny_data, fraction=0.5, subset_rule='published_shuffle', subset_seed=3)
+    files = sorted(os.listdir(osp.join(tiny_data, 'images', 'training')))
+    expected = published_shuffle_subset(files, 0.5, seed=3)
+    assert sorted(osp.basename(d['img_path']) for d in dataset.data_list) == sorted(expected)
+    with pytest.raises(ValueError, match="subset_rule must be one of"):
+        _dataset(tiny_data, fraction=0.5, subset_rule='random')
+
+
 def _dataset(root, **kwargs):
     return DATASETS.build(dict(
         type='SyntheticADE20KDataset', data_root=root,
