@@ -53,16 +53,37 @@ def enable_amp(cfg: Config) -> None:
         wrapper['use_fsdp'] = True
 
 
-def _half_backbones(node: Any, path: str = 'model'):
-    """Yield (path, dict) for every InternViT config dict with a half dtype."""
+def _internvit_nodes(node: Any, path: str = 'model'):
+    """Yield (path, dict) for every InternViT config dict."""
     if isinstance(node, dict):
-        if node.get('type') == 'InternViT' and str(node.get('dtype')) in HALF_DTYPES:
+        if node.get('type') == 'InternViT':
             yield path, node
         for key, value in node.items():
-            yield from _half_backbones(value, f'{path}.{key}')
+            yield from _internvit_nodes(value, f'{path}.{key}')
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
-            yield from _half_backbones(value, f'{path}[{i}]')
+            yield from _internvit_nodes(value, f'{path}[{i}]')
+
+
+def _half_backbones(node: Any, path: str = 'model'):
+    """Yield (path, dict) for every InternViT config dict with a half dtype."""
+    return ((p, n) for p, n in _internvit_nodes(node, path) if str(n.get('dtype')) in HALF_DTYPES)
+
+
+def skip_pretrained_held_by(cfg: Config, checkpoint: str) -> None:
+    """A checkpoint that holds the backbone (``backbone.*``; strict loading then sets every backbone tensor) makes
+    the config's ``pretrained`` backbone file unnecessary: it is not read, so evaluating a segmentor file needs no
+    ``pretrained/`` download. Checkpoints without the backbone (linear-probe heads) keep it."""
+    if not osp.isfile(checkpoint):
+        return
+    from segmentation.strict_loading import read_checkpoint
+    state_dict, _ = read_checkpoint(checkpoint)  # memory-mapped: only the key names are needed
+    if not any(key.startswith('backbone.') for key in state_dict):
+        return
+    for path, backbone in _internvit_nodes(cfg.get('model', {})):
+        if backbone.get('pretrained'):
+            _note(f'{checkpoint} holds the backbone: {path}.pretrained ({backbone["pretrained"]}) is not read')
+            backbone['pretrained'] = None
 
 
 def adapt_to_cpu(cfg: Config) -> None:

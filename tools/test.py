@@ -18,7 +18,8 @@ import backbones  # noqa: E402,F401
 from backbones.compat import trust_checkpoints_in  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from segmentation.runtime import build_runner, init_distributed_without_cuda, prepare_config  # noqa: E402
+from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
+                                  skip_pretrained_held_by)
 
 
 def parse_args(argv=None):
@@ -46,6 +47,7 @@ def main(argv=None):
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False
+    skip_pretrained_held_by(cfg, args.checkpoint)
     if args.show_dir:
         cfg.visualizer = dict(type='SegLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')],
                               save_dir=osp.join(cfg.work_dir, 'vis'))
