@@ -163,8 +163,15 @@ def install_strict_loading(runner, allow_partial: bool = False, convert: Optiona
         strategy._wrap_model = load_then_wrap
         return
 
-    def load_checkpoint(filename: str, map_location='cpu', strict: bool = False, revise_keys=None) -> dict:
-        # MMEngine's signature; map_location/strict/revise_keys are decided here (CPU, strict, 'module.' removed).
+    mmengine_load_checkpoint = runner.load_checkpoint
+
+    def load_checkpoint(filename: str, map_location='cpu', strict: bool = False,
+                        revise_keys=[(r'^module.', '')]) -> dict:  # noqa: B006 (MMEngine's signature)
+        if runner._resume:
+            # Runner.resume reads through load_checkpoint too: its own checkpoint, with the message hub and
+            # optimizer state, unpickled by the work dir's trusted loader (backbones.compat): unchanged.
+            return mmengine_load_checkpoint(filename, map_location=map_location, strict=strict,
+                                            revise_keys=revise_keys)
         return load(runner.model, filename)
 
     runner.load_checkpoint = load_checkpoint

@@ -51,7 +51,7 @@ def data_root(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ configs
 UPERNET = f'''
 _base_ = [{QUICKSTART_CONFIG!r}]
-model = dict(backbone=dict(img_size={CROP}), neck=dict(norm_cfg=dict(type='LN2d', eps=1e-6)))
+model = dict(backbone=dict(img_size={CROP}), neck=dict(norm_cfg=dict(type="LN2d", eps=1e-6)))
 custom_hooks = [dict(type='KeepTestedModelHook')]
 '''
 LINEAR = f'''
