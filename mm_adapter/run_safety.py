@@ -359,7 +359,7 @@ def install_run_safety(cfg) -> None:
 # Top-level keys that MMEngine's runners or this project read from a config, besides the Runner's arguments.
 _READ_KEYS = {'runner_type', 'custom_imports', 'default_scope', 'model_wrapper_cfg', 'sync_bn', 'compile',
               'activation_checkpointing', 'efficient_conv_bn_eval', 'gpu_ids', 'strategy', 'launcher',
-              'work_dir', 'resume', 'load_from'}
+              'work_dir', 'resume', 'load_from', 'allow_partial_load'}
 
 
 class ConfigOptionError(ValueError):

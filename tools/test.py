@@ -40,7 +40,13 @@ def main(argv=None):
     import mm_adapter  # noqa: F401  (mmcv.ops shim before mmseg, InternViT registration)
     from mm_adapter.compat import trust_checkpoints_in
     from mm_adapter.run_safety import check_cfg_options, finish_run
-    from mm_adapter.runtime import build_runner, cfg_options, init_distributed_without_cuda, prepare_config
+    from mm_adapter.runtime import (
+        build_runner,
+        cfg_options,
+        init_distributed_without_cuda,
+        prepare_config,
+        skip_pretrained_held_by,
+    )
     cfg = Config.fromfile(args.config)
     options = cfg_options(args.cfg_options)
     check_cfg_options(cfg, options)
@@ -48,6 +54,7 @@ def main(argv=None):
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False
+    skip_pretrained_held_by(cfg, args.checkpoint)
     if args.show_dir:
         cfg.visualizer = dict(type='SegLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')],
                               save_dir=osp.join(cfg.work_dir, 'vis'))
