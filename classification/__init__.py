@@ -6,11 +6,12 @@ Importing the package registers everything in MMEngine's root registries (config
 import backbones  # noqa: F401  (registers InternViT; installs the mmcv shim first)
 
 from .backbone_identity import backbone_identity, weights_sha256
+from .checkpoint import ProbeCheckpointError, read_probe_checkpoint
 from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, ImageNetFolder, ImageNetReaL,
                        ImageNetV2Folder, ImageReadError, probe_collate, read_class_list, stratified_holdout)
 from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
-from .heads import FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
-from .hooks import FeatureCacheHook, HeadSelectionHook
+from .heads import AttentionPooling, FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
+from .hooks import FeatureCacheHook, HeadEMAHook, HeadSelectionHook
 from .loops import MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
 from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
@@ -28,5 +29,5 @@ __all__ = [
     'StaleFeatureCacheError', 'manifest_differences', 'prepare_feature_caches', 'FeatureCacheHook',
     'HeadSelectionHook', 'MultiSetTestLoop', 'format_results_table', 'ImageNetAccuracy', 'topk_hits',
     'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform', 'ProbeRunner',
-    'apply_sweep_switch',
+    'apply_sweep_switch', 'AttentionPooling', 'HeadEMAHook', 'ProbeCheckpointError', 'read_probe_checkpoint',
 ]

@@ -142,6 +142,9 @@ class CachedFeatures(Dataset):
         """Validate the manifest (writing it if new) and extract this rank's missing shards; every rank returns
         after all shards exist. Returns the number of images this rank pushed through the backbone."""
         model = model.module if is_model_wrapper(model) else model
+        if model.needs_tokens:
+            raise ValueError(f'feature cache {self.cache_dir}: the attention-pooling head reads the token sequence, '
+                             f'which the cache (summaries only) does not hold; train it on images')
         rank, world = get_dist_info()
         expected = self.expected_manifest(model)
         manifest = self.cache_dir / 'manifest.json'

@@ -102,8 +102,8 @@ class HeadSelectionHook(Hook):
             for batch in self._loader:
                 data = model.data_preprocessor(batch, False)
                 inputs = data['inputs']
-                summaries = model.summaries(inputs) if data['input_kind'] == 'images' else inputs
-                predictions = model.head_logits(summaries).argmax(-1)  # [H, B]
+                summaries, tokens = model.features(inputs) if data['input_kind'] == 'images' else (inputs, None)
+                predictions = model.head_logits(summaries, tokens=tokens).argmax(-1)  # [H, B]
                 labels = data['data_samples']['labels']
                 correct += (predictions == labels).sum(1).double().cpu()
                 seen += labels.numel()
@@ -141,3 +141,17 @@ class HeadSelectionHook(Hook):
             with os.fdopen(fd, 'w') as f:
                 json.dump(model.selection, f, indent=1)
             os.replace(tmp, path)
+
+
+@HOOKS.register_module()
+class HeadEMAHook(Hook):
+    """After every optimizer step, moves each head's EMA copy towards it (``LinearProbe.update_ema``; the model's
+    ``ema_decay``). Harmless when the model keeps no EMA, so the classification runtime always includes it."""
+
+    priority = 'NORMAL'
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        wrapper = runner.optim_wrapper
+        if hasattr(wrapper, 'should_update') and not wrapper.should_update():
+            return  # gradient accumulation: no optimizer step this iteration
+        _unwrap(runner.model).update_ema()
