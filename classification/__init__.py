@@ -11,13 +11,14 @@ from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, Image
                        ImageNetV2Folder, ImageReadError, probe_collate, read_class_list, stratified_holdout)
 from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
 from .heads import AttentionPooling, FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
-from .hooks import FeatureCacheHook, HeadEMAHook, HeadSelectionHook
+from .hooks import FeatureCacheHook, HeadEMAHook, HeadSelectionHook, ProbeCheckpointHook
 from .loops import MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
 from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
                     ProbeDataPreprocessor, probe_record)
-from .optim import LinearProbeOptimWrapperConstructor
+from .optim import LinearProbeOptimWrapperConstructor, ProbeOptimWrapper
 from .runner import ProbeRunner, apply_sweep_switch
+from .schedule import TimmCosineLR
 from .transforms import ProbeEvalTransform, ProbeTrainTransform
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     'HeadSelectionHook', 'MultiSetTestLoop', 'format_results_table', 'ImageNetAccuracy', 'topk_hits',
     'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform', 'ProbeRunner',
     'apply_sweep_switch', 'AttentionPooling', 'HeadEMAHook', 'ProbeCheckpointError', 'read_probe_checkpoint',
+    'ProbeOptimWrapper', 'TimmCosineLR', 'ProbeCheckpointHook',
 ]

@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 from mmengine.dist import all_reduce, is_main_process
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -155,3 +155,17 @@ class HeadEMAHook(Hook):
         if hasattr(wrapper, 'should_update') and not wrapper.should_update():
             return  # gradient accumulation: no optimizer step this iteration
         _unwrap(runner.model).update_ema()
+
+
+@HOOKS.register_module()
+class ProbeCheckpointHook(CheckpointHook):
+    """``CheckpointHook`` that keeps the best epoch of the plain head and of its EMA copy (``save_best=['top1',
+    'ema_top1']``) and drops the EMA key when the model keeps no EMA (``model.ema_decay=None``)."""
+
+    def before_train(self, runner) -> None:
+        if getattr(_unwrap(runner.model), 'ema_heads', None) is None and getattr(self, 'key_indicators', None):
+            kept = [(k, r) for k, r in zip(self.key_indicators, self.rules) if not k.startswith('ema_')]
+            self.key_indicators, self.rules = [k for k, _ in kept], [r for _, r in kept]
+            if not self.key_indicators:
+                self.save_best = None
+        super().before_train(runner)

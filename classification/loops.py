@@ -22,7 +22,7 @@ def format_results_table(results: dict[str, dict], reference: dict[str, float] |
         return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.2f}'
 
     lines = [f'| {title} | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-    for key, label in (('top1', 'top-1'), ('top5', 'top-5'), ('ema/top1', 'EMA top-1'), ('ema/top5', 'EMA top-5')):
+    for key, label in (('top1', 'top-1'), ('top5', 'top-5'), ('ema_top1', 'EMA top-1'), ('ema_top5', 'EMA top-5')):
         if key.startswith('top') or any(key in results[n] for n in names):
             lines.append(f'| {label} | ' + ' | '.join(cell(results[n].get(key)) for n in names) + ' |')
     if reference:

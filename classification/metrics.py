@@ -43,8 +43,8 @@ class ImageNetAccuracy(BaseMetric):
         topk: the k to report (ReaL too: a top-k hit is any of the k classes inside the image's label set).
         real: score against the samples' ReaL label lists; unlabeled images are left out of the mean.
     The 200-class restriction comes from the dataset's ``class_subset`` (see ``ImageNetFolder``).
-    Predictions name their heads: the selected head gives ``top1``, ``top5``; its EMA copy ``ema/top1``, ...;
-    all heads of a sweep at once (``predict_all_heads``) also ``head<i>/top1``.
+    Predictions name their heads: the selected head gives ``top1``, ``top5``; its EMA copy ``ema_top1``, ...;
+    all heads of a sweep at once (``predict_all_heads``) also ``head<i>_top1``.
     """
 
     default_prefix = None
@@ -77,5 +77,5 @@ class ImageNetAccuracy(BaseMetric):
         for k in self.topk:
             per_head = 100.0 * np.mean(np.stack([hits[k] for _, hits in labeled]), axis=0)
             for name, value in zip(names, per_head):
-                metrics[f'{name}/top{k}' if name else f'top{k}'] = float(value)
+                metrics[f'{name}_top{k}' if name else f'top{k}'] = float(value)
         return metrics

@@ -21,7 +21,7 @@ CACHED_SWEEP_CONFIG = osp.join(REPO, 'configs', 'classification',
                                'internvit_tiny_linear_probe_sweep_cached_synthetic.py')
 CLASSES = 6  # chance is 16.7 %
 # No augmentation, so one process with batch 6 and two with batch 3 see the same images in the same steps.
-NO_AUGMENTATION = ['train_dataloader.dataset.dataset.pipeline.type=ProbeEvalTransform']
+NO_AUGMENTATION = ['train_dataloader.dataset.dataset.pipeline.type=ProbeEvalTransform', 'model.mixup=None']
 
 
 @pytest.fixture(scope='module')

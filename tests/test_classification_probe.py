@@ -163,3 +163,212 @@ def test_own_checkpoints_are_strict_too(tmp_path):
             tiny_probe(ema_decay=0.998).load_state_dict(broken, strict=False)
     with pytest.raises(ProbeCheckpointError, match='no EMA heads: set model.ema_decay=None'):
         tiny_probe(ema_decay=0.998).load_state_dict(tiny_probe().state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def test_schedule_is_timm_cosine_per_iteration_as_the_published_loop_drove_it():
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    from classification.schedule import TimmCosineLR
+
+    epochs, per_epoch, lr = 10, 1251, 0.2  # published: batch 1024 (lr 0.1 x 1024 / 512), 1251 iterations / epoch
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    ours = TimmCosineLR.build_iter_from_epoch(ours_opt, t_initial=epochs, warmup_t=1, warmup_lr_init=0.0,
+                                              lr_min=0.0, by_epoch=True, epoch_length=per_epoch)
+    timm_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    timm = CosineLRScheduler(timm_opt, t_initial=epochs * per_epoch, lr_min=0.0, warmup_lr_init=0.0,
+                             warmup_t=per_epoch, cycle_limit=1, t_in_epochs=False)
+    used_ours, used_timm = [], []
+    for g in range(epochs * per_epoch):
+        used_ours.append(ours_opt.param_groups[0]['lr'])
+        used_timm.append(timm_opt.param_groups[0]['lr'])
+        timm.step_update(g)  # the published loop: after each optimizer step, with the global iteration
+        ours.step()  # MMEngine's ParamSchedulerHook after each iteration
+    np.testing.assert_allclose(used_ours, used_timm, rtol=1e-12, atol=1e-15)
+    # Numbers of the published log (lr printed after step_update of that iteration, i.e. the next one's lr):
+    assert used_ours[11] == pytest.approx(0.001599, abs=5e-7)  # Train: [0/10][10/1251] lr 0.001599
+    assert used_ours[per_epoch + 1] == pytest.approx(0.195106, abs=5e-7)  # Train: [1/10][0/1251] lr 0.195106
+    assert used_ours[0] == used_ours[1] == 0.0 and max(used_ours) < lr
+
+
+def recipe_config(name='internvit_6b_224_linear_probe_in1k'):
+    from mmengine.config import Config
+    return Config.fromfile(os.path.join(REPO, 'configs', 'classification', f'{name}.py'))
+
+
+def test_default_configs_train_the_published_recipe():
+    cfg = recipe_config()
+    # Published trainer defaults (config.py), never turned off by its yaml; its log shows them on.
+    assert cfg.model.mixup == dict(mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_minmax=None, prob=1.0,
+                                   switch_prob=0.5, mode='batch')
+    assert cfg.model.label_smoothing == 0.1 and cfg.model.ema_decay == 0.998
+    assert cfg.optim_wrapper.optimizer == dict(type='SGD', momentum=0.9, nesterov=True, weight_decay=0.0)
+    assert cfg.optim_wrapper.clip_grad == dict(max_norm=5.0)  # CLIP_GRAD 5.0
+    assert cfg.model.lr == 0.1 and cfg.auto_scale_lr == dict(base_batch_size=512, enable=True)
+    assert cfg.train_dataloader.batch_size * 8 == 1024 and cfg.train_dataloader.drop_last is True
+    assert cfg.param_scheduler == [dict(type='TimmCosineLR', t_initial=10, warmup_t=1, warmup_lr_init=0.0,
+                                        lr_min=0.0, by_epoch=True, convert_to_iter_based=True)]
+    assert cfg.train_cfg.max_epochs == 10
+    best = cfg.default_hooks.checkpoint
+    assert best.save_best == ['top1', 'ema_top1'] and best.rule == 'greater' and best.save_last
+    assert cfg.test_dataloader.get('drop_last', False) is False and cfg.val_dataloader.get('drop_last', False) is False
+
+
+def test_mixup_label_smoothing_and_loss_are_timms():
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    cfg = recipe_config()
+    model = tiny_probe(num_classes=10, mixup=cfg.model.mixup, label_smoothing=cfg.model.label_smoothing)
+    images, labels = torch.randn(4, 3, 56, 56), torch.tensor([1, 2, 3, 4])
+    np.random.seed(3)
+    mixed, targets = model.training_targets(images.clone(), labels, 'images')
+    reference = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
+                      label_smoothing=0.1, num_classes=10)
+    np.random.seed(3)
+    mixed_ref, targets_ref = reference(images.clone(), labels)
+    torch.testing.assert_close(mixed, mixed_ref)
+    torch.testing.assert_close(targets, targets_ref)
+    assert targets.sum(1).allclose(torch.ones(4)) and targets.min() >= 0.1 / 10 - 1e-7  # smoothed
+    logits = torch.randn(3, 4, 10)
+    from classification.heads import head_losses
+    torch.testing.assert_close(head_losses(logits, targets),
+                               torch.stack([SoftTargetCrossEntropy()(x, targets) for x in logits]))
+    plain = tiny_probe(num_classes=10, label_smoothing=0.1)  # no mixup: smoothed one-hot (timm's targets)
+    _, smooth = plain.training_targets(images, labels, 'images')
+    assert smooth[0, 1] == pytest.approx(0.9 + 0.01) and smooth[0, 0] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match='even batch'):
+        model.training_targets(images[:3], labels[:3], 'images')
+    with pytest.raises(ValueError, match='cached summaries'):
+        model.training_targets(torch.randn(4, 1, 2, 64), labels, 'summaries')
+
+
+def test_ema_is_timms_model_ema_with_decay_0998():
+    from timm.utils import ModelEmaV3
+
+    model = tiny_probe(ema_decay=0.998)
+    reference = ModelEmaV3(model.heads, decay=0.998)
+    model.train()
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.heads.parameters():
+                p.add_(torch.randn_like(p))
+        model.heads[0].norm(torch.randn(8, 128) * 3 + 1)  # moves the BN statistics (buffers are averaged too)
+        model.update_ema()
+        reference.update(model.heads)
+    for (name, ours), theirs in zip(model.ema_heads.state_dict().items(), reference.module.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, msg=name)
+    assert not any(p.requires_grad for p in model.ema_heads.parameters())
+
+
+def test_nesterov_sgd_one_group_per_head_and_per_head_clipping():
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+    cfg = recipe_config()
+    model = tiny_probe(sweep=True, sweep_lrs=[0.1, 1.0], sweep_features=['cls_mean'])
+    wrapper_cfg = {k: v for k, v in cfg.optim_wrapper.items() if k != 'constructor'}
+    wrapper = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(type=cfg.optim_wrapper.constructor,
+                                                    optim_wrapper_cfg=wrapper_cfg))(model)
+    groups = wrapper.optimizer.param_groups
+    assert [(g['lr'], g['nesterov'], g['momentum'], g['weight_decay']) for g in groups] == [
+        (0.1, True, 0.9, 0.0), (1.0, True, 0.9, 0.0)]
+    for p in model.heads[0].parameters():
+        p.grad = torch.full_like(p, 10.0)  # far above max_norm 5
+    for p in model.heads[1].parameters():
+        p.grad = torch.full_like(p, 1e-4)  # far below
+    wrapper._clip_grad()
+    norms = [torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in h.parameters()])) for h in model.heads]
+    assert norms[0] == pytest.approx(5.0, rel=1e-4)  # each head clipped on its own, as if trained alone
+    assert norms[1] < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ attention pooling
+def reference_attention_pooling_logits(tokens, p, num_heads):
+    """From the description: query = mean of all tokens (cls included), keys/values = all tokens; separate
+    LayerNorms (eps 1e-5) on the q, k, v inputs; q/k/v projections without bias plus separate bias vectors;
+    num_heads heads; output projection; then BatchNorm1d (eval, eps 1e-6) and Linear. Published key names."""
+    b, t, c = tokens.shape
+    d = c // num_heads
+    a = 'attn_pooling.'
+
+    def ln(x, name):
+        return F.layer_norm(x, (c,), p[a + name + '.weight'], p[a + name + '.bias'], eps=1e-5)
+
+    q = ln(tokens.mean(1, keepdim=True), 'norm1_q') @ p[a + 'cross_attn.q.weight'].T + p[a + 'cross_attn.q_bias']
+    k = ln(tokens, 'norm1_k') @ p[a + 'cross_attn.k.weight'].T + p[a + 'cross_attn.k_bias']
+    v = ln(tokens, 'norm1_v') @ p[a + 'cross_attn.v.weight'].T + p[a + 'cross_attn.v_bias']
+    out = []
+    for h in range(num_heads):
+        s = slice(h * d, (h + 1) * d)
+        weights = torch.softmax(q[:, :, s] @ k[:, :, s].transpose(1, 2) / d ** 0.5, dim=-1)  # [B, 1, T]
+        out.append(weights @ v[:, :, s])
+    pooled = (torch.cat(out, -1) @ p[a + 'cross_attn.proj.weight'].T + p[a + 'cross_attn.proj.bias']).squeeze(1)
+    x = F.batch_norm(pooled, p['norm.running_mean'], p['norm.running_var'], p['norm.weight'], p['norm.bias'],
+                     training=False, eps=1e-6)
+    return F.linear(x, p['head.weight'], p['head.bias'])
+
+
+def test_attention_pooling_head_matches_the_reference_and_loads_the_published_names(tmp_path):
+    model = tiny_probe(feature='attention_pooling', ema_decay=0.998)
+    c, heads = 64, 4  # internvit_tiny: width 64, 4 heads (6B: 3200, 25 heads of 128)
+    g = torch.Generator().manual_seed(5)
+    p = random_published_head(c, 5, seed=6)
+    for n in ('norm1_q', 'norm1_k', 'norm1_v'):
+        p[f'attn_pooling.{n}.weight'] = torch.rand(c, generator=g) + 0.5
+        p[f'attn_pooling.{n}.bias'] = torch.randn(c, generator=g) * 0.1
+    for n in ('q', 'k', 'v'):
+        p[f'attn_pooling.cross_attn.{n}.weight'] = torch.randn(c, c, generator=g) * c ** -0.5
+        p[f'attn_pooling.cross_attn.{n}_bias'] = torch.randn(c, generator=g) * 0.1
+    p['attn_pooling.cross_attn.proj.weight'] = torch.randn(c, c, generator=g) * c ** -0.5
+    p['attn_pooling.cross_attn.proj.bias'] = torch.randn(c, generator=g) * 0.1
+    path = tmp_path / 'attn_head.pth'
+    save_published_head(path, p, ema=p)
+    model.load_state_dict(read_probe_checkpoint(str(path)))
+    model.eval()
+    images = torch.randn(3, 3, 56, 56)
+    tokens = model.backbone.forward_features(images).float()
+    expected = reference_attention_pooling_logits(tokens, p, heads)
+    logits = model(images)
+    torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], expected, rtol=1e-5, atol=1e-5)  # EMA copy = model_ema
+    assert model.heads[0].pool.q.bias is None and model.heads[0].pool.proj.weight.shape == (c, c)
+
+
+def test_attention_pooling_trains_beside_linear_heads_from_one_backbone_pass():
+    model = tiny_probe(sweep=True, sweep_lrs=[0.1], sweep_features=['cls_mean', 'attention_pooling'])
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    losses = model(torch.randn(4, 3, 56, 56), dict(labels=torch.tensor([0, 1, 2, 3])), mode='loss')
+    losses['loss'].backward()
+    assert model.backbone_images_processed == 4
+    assert model.heads[1].pool.q.weight.grad is not None and model.heads[0].fc.weight.grad is not None
+    with pytest.raises(ValueError, match='token sequence'):
+        model.head_logits(torch.randn(4, 1, 2, 64))  # summaries only (the feature cache): refused
+
+
+def test_configs_for_both_probe_types_and_every_published_backbone():
+    from mmengine.registry import MODELS
+
+    published = {  # config stem: (preset, img_size, depth, pretrained)
+        'internvit_6b_224': ('internvit_6b_224', 224, 48, 'InternViT-6B-224px'),
+        'internvit_6b_224to448': ('internvit_6b_224', 448, 48, 'InternViT-6B-224px'),
+        'internvit_6b_448_v1_0': ('internvit_6b_448', 448, 45, 'InternViT-6B-448px-V1-0'),
+        'internvit_6b_448_v1_2': ('internvit_6b_448', 448, 45, 'InternViT-6B-448px-V1-2'),
+        'internvit_6b_448': ('internvit_6b_448', 448, 45, 'InternViT-6B-448px-V1-5'),
+        'internvit_6b_448_v2_5': ('internvit_6b_448', 448, 45, 'InternViT-6B-448px-V2_5'),
+        'internvit_300m_448': ('internvit_300m_448', 448, 24, 'InternViT-300M-448px'),
+    }
+    for stem, (preset, size, depth, weights) in published.items():
+        for kind, feature in (('linear_probe', 'cls_mean'), ('attn_pool_probe', 'attention_pooling')):
+            cfg = recipe_config(f'{stem}_{kind}_in1k')
+            assert cfg.model.feature == feature and cfg.model.backbone.pretrained == f'pretrained/{weights}'
+            assert cfg.test_cfg.pipeline.size == size and cfg.train_dataloader.dataset.dataset.pipeline.size == size
+            assert cfg.model.ema_decay == 0.998 and cfg.model.mixup.mixup_alpha == 0.8
+            with torch.device('meta'):
+                model = MODELS.build(dict(cfg.model, backbone=dict(cfg.model.backbone, pretrained=None)))
+            assert model.backbone.depth == depth and model.backbone.arch.img_size == size, stem
+            if feature == 'attention_pooling':
+                pool = model.heads[0].pool
+                assert pool.num_heads == model.backbone.arch.num_heads and pool.norm_q.eps == 1e-5
+                assert model.heads[0].fc.in_features == model.backbone.embed_dim
+    assert recipe_config('internvit_6b_224_attn_pool_probe_in1k').test_cfg.reference == {'IN-1K': 89.2}
