@@ -8,11 +8,12 @@ import backbones  # noqa: F401  (registers InternViT; installs the mmcv shim fir
 from .backbone_identity import backbone_identity, weights_sha256
 from .checkpoint import ProbeCheckpointError, read_probe_checkpoint
 from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, ImageNetFolder, ImageNetReaL,
-                       ImageNetV2Folder, ImageReadError, probe_collate, read_class_list, stratified_holdout)
+                       ImageNetV2Folder, ImageReadError, probe_collate, published_class_subset, read_class_list,
+                       stratified_holdout)
 from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
 from .heads import AttentionPooling, FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
 from .hooks import FeatureCacheHook, HeadEMAHook, HeadSelectionHook, ProbeCheckpointHook
-from .loops import MultiSetTestLoop, format_results_table
+from .loops import MissingEvaluationSetError, MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
 from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
                     ProbeDataPreprocessor, probe_record)
@@ -31,5 +32,6 @@ __all__ = [
     'HeadSelectionHook', 'MultiSetTestLoop', 'format_results_table', 'ImageNetAccuracy', 'topk_hits',
     'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform', 'ProbeRunner',
     'apply_sweep_switch', 'AttentionPooling', 'HeadEMAHook', 'ProbeCheckpointError', 'read_probe_checkpoint',
-    'ProbeOptimWrapper', 'TimmCosineLR', 'ProbeCheckpointHook',
+    'ProbeOptimWrapper', 'TimmCosineLR', 'ProbeCheckpointHook', 'MissingEvaluationSetError',
+    'published_class_subset',
 ]

@@ -372,3 +372,115 @@ def test_configs_for_both_probe_types_and_every_published_backbone():
                 assert pool.num_heads == model.backbone.arch.num_heads and pool.norm_q.eps == 1e-5
                 assert model.heads[0].fc.in_features == model.backbone.embed_dim
     assert recipe_config('internvit_6b_224_attn_pool_probe_in1k').test_cfg.reference == {'IN-1K': 89.2}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation sets
+def write_image(path, value=0, size=20):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (size, size), (value, value, value)).save(path)
+
+
+def timm_list(name):
+    import timm
+    with open(os.path.join(os.path.dirname(timm.__file__), 'data', '_info', name)) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+@pytest.mark.parametrize('subset, indices_file', [('imagenet_a', 'imagenet_a_indices.txt'),
+                                                  ('imagenet_r', 'imagenet_r_indices.txt')])
+def test_a_and_r_masks_are_timms_published_lists_and_folders_must_match(tmp_path, subset, indices_file):
+    from classification import DatasetLayoutError, ImageNetFolder
+
+    synsets = timm_list('imagenet_synsets.txt')
+    indices = [int(v) for v in timm_list(indices_file)]
+    assert len(synsets) == 1000 and len(indices) == 200
+    root = tmp_path / subset
+    for i in indices:
+        write_image(root / synsets[i] / 'x.png')
+    eval_56 = dict(type='ProbeEvalTransform', size=56)
+    dataset = ImageNetFolder(str(root), eval_56, classes=synsets, class_subset=subset, name='A')
+    assert dataset.class_subset == sorted(indices) and len(dataset) == 200
+    assert dataset.labels.tolist() == sorted(indices)  # labels index the 1000-way logits
+    import shutil
+    shutil.rmtree(root / synsets[indices[7]])
+    with pytest.raises(DatasetLayoutError, match=f'class folder {root / synsets[indices[7]]} is missing'):
+        ImageNetFolder(str(root), eval_56, classes=synsets, class_subset=subset, name='A')
+    write_image(root / synsets[indices[7]] / 'x.png')
+    other = next(i for i in range(1000) if i not in indices)
+    write_image(root / synsets[other] / 'x.png')
+    with pytest.raises(DatasetLayoutError, match=f'folder {root / synsets[other]} is not one of the 200 classes'):
+        ImageNetFolder(str(root), eval_56, classes=synsets, class_subset=subset, name='A')
+
+
+def test_a_missing_set_does_not_stop_the_others_and_fails_at_the_end(tmp_path):
+    from classification import MissingEvaluationSetError, MultiSetTestLoop
+
+    for c in ('n01', 'n02'):
+        write_image(tmp_path / 'val' / c / f'{c}.png', 40)
+    eval_56 = dict(type='ProbeEvalTransform', size=56)
+    sets = [dict(name='IN-1K', dataset=dict(type='ImageNetFolder', root=str(tmp_path / 'val'), pipeline=eval_56)),
+            dict(name='V2', dataset=dict(type='ImageNetV2Folder', root=str(tmp_path / 'nowhere'), classes=['n01', 'n02'],
+                                         pipeline=eval_56)),
+            dict(name='Sketch', dataset=dict(type='ImageNetFolder', root=str(tmp_path / 'val'), name='Sketch',
+                                             pipeline=eval_56))]
+    evaluated = []
+
+    class Runner:  # the parts of MMEngine's runner the loop uses
+        model = tiny_probe(num_classes=2)
+        seed = 0
+
+        def call_hook(self, *args, **kwargs):
+            pass
+
+        def build_dataloader(self, cfg, seed=None):
+            from mmengine.registry import DATASETS
+            dataset = DATASETS.build(cfg['dataset'])
+            evaluated.append(dataset.name)
+            return torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=classification.probe_collate)
+
+        def build_evaluator(self, cfg):
+            from mmengine.evaluator import Evaluator
+            return Evaluator(cfg)
+
+    loop = MultiSetTestLoop(Runner(), {}, dict(type='ImageNetAccuracy'), sets=sets)
+    with pytest.raises(MissingEvaluationSetError, match=rf"(?s)V2: .*{tmp_path / 'nowhere'} does not exist.*test_cfg.skip"):
+        loop.run()
+    assert evaluated == ['IN-1K', 'Sketch']  # the set after the missing one was still evaluated
+    metrics = MultiSetTestLoop(Runner(), {}, dict(type='ImageNetAccuracy'), sets=sets, skip=['V2']).run()
+    assert set(metrics) >= {'IN-1K/top1', 'Sketch/top1'} and not any(k.startswith('V2') for k in metrics)
+
+
+# ------------------------------------------------------------------------------------------------ feature cache
+def test_feature_cache_integrity(tmp_path):
+    from classification import CachedFeatures, StaleFeatureCacheError
+
+    root = tmp_path / 'train'
+    for c in ('n01', 'n02'):
+        for k in range(3):
+            write_image(root / c / f'{k}.png', 30 * k)
+    source = dict(type='ImageNetFolder', root=str(root), pipeline=dict(type='ProbeEvalTransform', size=56))
+    cache_dir = tmp_path / 'cache'
+    settings = dict(cache_dir=str(cache_dir), shard_size=4, extract_batch_size=4, extract_num_workers=0)
+    model = tiny_probe()
+    assert CachedFeatures(source, **settings).prepare(model) == 6
+    # the same file names with other contents: stale (sizes / modification times are in the fingerprint)
+    stat = os.stat(root / 'n01' / '0.png')
+    write_image(root / 'n01' / '0.png', 200, size=24)
+    with pytest.raises(StaleFeatureCacheError, match='dataset.file_list_sha256'):
+        CachedFeatures(source, **settings).prepare(model)
+    write_image(root / 'n01' / '0.png', 0)
+    os.utime(root / 'n01' / '0.png', ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    cache = CachedFeatures(source, **settings)
+    assert cache.prepare(model) == 0  # the original file back: the cache is valid again
+    # a shard cut short (a full disk, a copy interrupted): an error naming it, never garbage features
+    shard = cache_dir / 'shard_00001.npy'
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(StaleFeatureCacheError, match=f'{shard} is truncated or altered'):
+        CachedFeatures(source, **settings)[5]
+    assert CachedFeatures(source, **settings)[0]['inputs'].shape == (1, 2, 64)  # the intact shard still reads
+    # shards without their manifest: never adopted under a new manifest
+    (cache_dir / 'manifest.json').unlink()
+    with pytest.raises(StaleFeatureCacheError, match='holds shards .* but no manifest.json'):
+        CachedFeatures(source, **settings).prepare(model)
+    assert not (cache_dir / 'manifest.json').exists()

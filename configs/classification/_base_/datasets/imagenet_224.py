@@ -34,10 +34,12 @@ test_cfg = dict(type='MultiSetTestLoop', pipeline=eval_pipeline, sets=[
                                    classes=in1k_classes), metric=dict(type='ImageNetAccuracy', real=True)),
     dict(name='V2', dataset=dict(type='ImageNetV2Folder', classes=in1k_classes,
                                  root='data/imagenetv2/imagenetv2-matched-frequency-format-val')),
+    # A and R: 1000-way logits restricted to the published 200-class masks (timm's imagenet_{a,r}_indices.txt);
+    # the folders must be exactly those classes.
     dict(name='A', dataset=dict(type='ImageNetFolder', root='data/imagenet-a', classes=in1k_classes, name='A',
-                                class_subset_from_folders=True)),
+                                class_subset='imagenet_a')),
     dict(name='R', dataset=dict(type='ImageNetFolder', root='data/imagenet-r', classes=in1k_classes, name='R',
-                                class_subset_from_folders=True)),
+                                class_subset='imagenet_r')),
     dict(name='Sketch', dataset=dict(type='ImageNetFolder', root='data/imagenet-sketch/sketch',
                                      classes=in1k_classes, name='Sketch')),
 ])
