@@ -515,3 +515,38 @@ def test_fp16_autocast_with_fp32_weights_beside_pure_bf16():
     assert rel(fp16_features) < rel(bf16.summaries(images))
     with pytest.raises(ValueError, match='autocast must be one of'):
         tiny_probe(autocast='int8')
+
+
+def test_the_published_head_is_one_cell_of_the_sweep():
+    """model.sweep=True on the published config trains the published head (cls_mean, lr 0.1, same mixup, clipping,
+    schedule and EMA) exactly as the single-head run does, beside the other heads."""
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+    cfg = recipe_config()
+    cfg.merge_from_dict({'model.sweep': True})
+    grid = classification.model.head_grid(cfg.model.feature, cfg.model.lr, True,
+                                          cfg.model.get('sweep_lrs', classification.DEFAULT_SWEEP_LRS),
+                                          cfg.model.get('sweep_features', classification.DEFAULT_SWEEP_FEATURES))
+    assert (classification.FeatureSpec.parse('cls_mean'), 0.1) in grid  # the published cell is in the default grid
+    recipe = dict(mixup=cfg.model.mixup, label_smoothing=cfg.model.label_smoothing, ema_decay=cfg.model.ema_decay)
+    single = tiny_probe(**recipe)
+    sweep = tiny_probe(**recipe, sweep=True, sweep_lrs=[0.1, 5.0], sweep_features=['cls', 'cls_mean'])
+    cell = sweep.head_names.index('cls_mean_lr0.1')
+    sweep.heads[cell].load_state_dict(single.heads[0].state_dict())
+    sweep.ema_heads[cell].load_state_dict(single.ema_heads[0].state_dict())
+    wrapper_cfg = {k: v for k, v in cfg.optim_wrapper.items() if k != 'constructor'}
+    wrappers = [OPTIM_WRAPPER_CONSTRUCTORS.build(dict(type=cfg.optim_wrapper.constructor,
+                                                      optim_wrapper_cfg=wrapper_cfg))(m) for m in (single, sweep)]
+    images = torch.randn(4, 4, 3, 56, 56) * 3
+    labels = torch.tensor([[0, 1, 2, 3], [4, 0, 1, 2], [3, 4, 0, 1], [2, 3, 4, 0]])
+    for model, wrapper in zip((single, sweep), wrappers):
+        model.train()
+        np.random.seed(0)  # the same mixup draws for both runs
+        for x, y in zip(images, labels):
+            wrapper.update_params(model(x.clone(), dict(labels=y), mode='loss')['loss'] * 100)  # large: clipping acts
+            model.update_ema()
+    for name, value in single.heads[0].state_dict().items():
+        torch.testing.assert_close(sweep.heads[cell].state_dict()[name], value, msg=name)
+    for name, value in single.ema_heads[0].state_dict().items():
+        torch.testing.assert_close(sweep.ema_heads[cell].state_dict()[name], value, msg=name)
+    assert not torch.equal(single.heads[0].fc.weight, tiny_probe(**recipe).heads[0].fc.weight)  # it trained
