@@ -3,8 +3,9 @@
 Every dataset's labels index the IN-1K class list (WordNet ids in sorted order), because the probe's logits do:
 
 * ``ImageNetFolder``: ``root/<wnid>/<image>`` (IN-1K train and val, ImageNet-Sketch). With
-  ``class_subset_from_folders=True`` (ImageNet-A, ImageNet-R) the folders are a subset of the class list and the
-  metric restricts the 1000-way logits to them.
+  ``class_subset='imagenet_a'`` / ``'imagenet_r'`` (the published 200-class masks, timm's shipped index lists) the
+  folders must be exactly those classes and the metric restricts the 1000-way logits to them
+  (``class_subset_from_folders=True``: whichever classes the folders hold, for small test sets).
 * ``ImageNetFileList``: ``ann_file`` lines ``<relative path> <label>`` under ``data_root``.
 * ``ImageNetV2Folder``: the matched-frequency release, folders named ``0`` ... ``999`` by class index.
 * ``ImageNetReaL``: IN-1K val images (class folders or flat) with the reassessed multi-label json
@@ -198,11 +199,12 @@ class ImageNetFolder(ProbeImageDataset):
                                  f'class_subset_from_folders')
             subset = published_class_subset(class_subset, len(class_list))
             wanted = [class_list[i] for i in subset]
-            missing = [c for c in wanted if c not in set(present)]
+            present_set, wanted_set = set(present), set(wanted)
+            missing = [c for c in wanted if c not in present_set]
             if missing:
                 raise DatasetLayoutError(f'{name}: class folder {root_path / missing[0]} is missing ({len(missing)} '
                                          f'of the {len(wanted)} classes of {class_subset!r} missing)')
-            extra = [f for f in present if f not in set(wanted)]
+            extra = [f for f in present if f not in wanted_set]
             if extra:
                 raise DatasetLayoutError(f'{name}: folder {root_path / extra[0]} is not one of the {len(wanted)} '
                                          f'classes of {class_subset!r} ({len(extra)} such folders)')
