@@ -42,7 +42,7 @@ class ProbeCheckpointError(ValueError):
 
 def read_probe_checkpoint(path: str):
     """The checkpoint's tensors and plain metadata; every other pickled object becomes an inert stand-in."""
-    from backbones.weights import safe_torch_load
+    from backbones.reading import safe_torch_load
     return safe_torch_load(path, any_object=True)
 
 

@@ -85,7 +85,7 @@ def test_published_head_file_loads_strictly_and_gives_the_reference_logits(tmp_p
     path = tmp_path / 'intern_vit_6b_224px_head.pth'
     save_published_head(path, head)
     with pytest.raises(Exception, match='refused to load'):  # the project's default reader refuses yacs
-        from backbones.weights import safe_torch_load
+        from backbones.reading import safe_torch_load
         safe_torch_load(path)
     checkpoint = read_probe_checkpoint(str(path))
     assert checkpoint['epoch'] == 9 and checkpoint['config']['TRAIN']['BASE_LR'] == 0.2  # inert, plain data
