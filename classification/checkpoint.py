@@ -121,6 +121,10 @@ def published_to_probe_state(state: Mapping, head_names: list[str], has_ema: boo
         hint = 'This looks like the older published head without BatchNorm: set model.head_norm=False'
     elif any(k.startswith('norm.') for k in plain) and not any('.norm.' in k for k in wanted):
         hint = 'The file has a BatchNorm (norm.*): set model.head_norm=True'
+    elif any(k.startswith(('blocks.', 'patch_embed.', 'pos_embed', 'cls_token')) for k in plain):
+        hint = ("This is a full training checkpoint (backbone included); the backbone comes from the config's "
+                "pretrained=, so save only its head: {k: v for k, v in ckpt['model'].items() if "
+                "k.startswith(('norm.', 'head.', 'attn_pooling.'))}")
     check_head_state(wanted, converted, rename, hint)
     if has_ema and ema is None:  # no EMA weights in the file: the EMA copy holds the plain head (not evaluated)
         converted.update({'ema_' + k: v.clone() for k, v in converted.items()})
