@@ -550,3 +550,33 @@ def test_the_published_head_is_one_cell_of_the_sweep():
     for name, value in single.ema_heads[0].state_dict().items():
         torch.testing.assert_close(sweep.ema_heads[cell].state_dict()[name], value, msg=name)
     assert not torch.equal(single.heads[0].fc.weight, tiny_probe(**recipe).heads[0].fc.weight)  # it trained
+
+
+def test_probe_batchnorm_with_gradient_uses_global_statistics(monkeypatch):
+    """Under DDP, BN after the attention pooling (input with grad) takes its statistics over all ranks through a
+    differentiable all-reduce. Two ranks holding the same batch must give single-process BatchNorm exactly."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    from classification import ProbeBatchNorm
+
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda *a: 2)
+    monkeypatch.setattr(dist_fn, 'all_reduce', lambda t, *a, **k: t * 2)  # the other rank holds the same batch
+    x = torch.randn(6, 8) * 3 + 1
+    ours, plain = ProbeBatchNorm(8, eps=1e-6), torch.nn.BatchNorm1d(8, eps=1e-6)
+    with torch.no_grad():
+        for bn in (ours, plain):
+            bn.weight.copy_(torch.linspace(0.5, 2, 8))
+            bn.bias.copy_(torch.linspace(-1, 1, 8))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_plain = ours(xa), plain(xb)
+    torch.testing.assert_close(out_ours, out_plain, rtol=1e-5, atol=1e-5)
+    (out_ours * torch.arange(8.0)).sum().backward()
+    (out_plain * torch.arange(8.0)).sum().backward()
+    # The all-reduce's backward brings the other rank's loss through the shared statistics: with identical
+    # batches the input gradient is single-process BatchNorm's.
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    biased = x.var(0, unbiased=False)  # running variance: unbiased over the global batch of 12
+    torch.testing.assert_close(ours.running_var, 0.9 + 0.1 * biased * 12 / 11, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)
