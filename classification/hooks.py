@@ -160,7 +160,9 @@ class HeadEMAHook(Hook):
 @HOOKS.register_module()
 class ProbeCheckpointHook(CheckpointHook):
     """``CheckpointHook`` that keeps the best epoch of the plain head and of its EMA copy (``save_best=['top1',
-    'ema_top1']``) and drops the EMA key when the model keeps no EMA (``model.ema_decay=None``)."""
+    'ema_top1']``) and drops the EMA key when the model keeps no EMA (``model.ema_decay=None``). After training it
+    logs, and writes to ``work_dir/best_and_last.json``, each key's best value (with its epoch) and last value: the
+    published number is the best epoch of the plain head on IN-1K val."""
 
     def before_train(self, runner) -> None:
         if getattr(_unwrap(runner.model), 'ema_heads', None) is None and getattr(self, 'key_indicators', None):
@@ -168,4 +170,31 @@ class ProbeCheckpointHook(CheckpointHook):
             self.key_indicators, self.rules = [k for k, _ in kept], [r for _, r in kept]
             if not self.key_indicators:
                 self.save_best = None
+        self._history: list[tuple[int, dict]] = []
         super().before_train(runner)
+
+    def after_val_epoch(self, runner, metrics) -> None:
+        self._history.append((runner.epoch, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        super().after_val_epoch(runner, metrics)
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        history = getattr(self, '_history', None)
+        if not history or not getattr(self, 'key_indicators', None):
+            return
+        summary = {}
+        for key, rule in zip(self.key_indicators, self.rules):
+            values = [(epoch, m[key]) for epoch, m in history if key in m]
+            if not values:
+                continue
+            pick = max if rule == 'greater' else min
+            best_epoch, best = pick(values, key=lambda item: item[1])
+            summary[key] = dict(best=best, best_epoch=best_epoch, last=values[-1][1], last_epoch=values[-1][0])
+        print_log('best and last: ' + '; '.join(f"{k} best {v['best']:.2f} (epoch {v['best_epoch']}), last "
+                                                f"{v['last']:.2f} (epoch {v['last_epoch']})"
+                                                for k, v in summary.items()), logger='current')
+        if is_main_process():
+            fd, tmp = tempfile.mkstemp(dir=runner.work_dir, prefix='.best_and_last.', suffix='.tmp')
+            with os.fdopen(fd, 'w') as f:
+                json.dump(summary, f, indent=1)
+            os.replace(tmp, os.path.join(runner.work_dir, 'best_and_last.json'))

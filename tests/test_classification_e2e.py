@@ -78,6 +78,12 @@ def test_published_recipe_learns_and_one_command_evaluates_every_set(workspace):
     # The single published head trains on all of train (144 images, batch 16: 9 iterations per epoch) and
     # holds nothing out: there is no head to choose.
     assert not (work_dir / 'heldout_selection.json').exists()
+    # best epoch of the plain head and of its EMA copy kept beside the last; both reported
+    summary = json.load(open(work_dir / 'best_and_last.json'))
+    assert set(summary) == {'top1', 'ema_top1'} and summary['top1']['last_epoch'] == 4
+    for key in ('top1', 'ema_top1'):
+        assert summary[key]['best'] >= summary[key]['last']
+        assert glob.glob(str(work_dir / f"best_{key}_epoch_{summary[key]['best_epoch']}.pth"))
     scalars = sorted(glob.glob(str(work_dir / '*' / 'vis_data' / 'scalars.json')))[-1]
     assert max(json.loads(line).get('iter', 0) for line in open(scalars)) == 4 * 9  # (with 30 held out: 4 * 8)
 
