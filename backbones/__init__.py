@@ -1,22 +1,14 @@
-"""InternViT backbones: the model, its weight layouts, and its registration in MMEngine's registries."""
-from .compat import ensure_mmcv_ops
+"""InternViT backbones, torch-only: the model, the architecture presets, the weight layouts and their readers/writers.
 
-ensure_mmcv_ops()  # before anything imports mmseg: mmcv-lite has no compiled ops
-
-from .internvit import InternViT, count_parameters  # noqa: E402
-from .pos_embed import resample_pos_embed  # noqa: E402
-from .presets import PRESETS, InternViTArch, resolve_arch, vit_forward_flops  # noqa: E402
-
-
-def _register() -> None:
-    # Registered in the root registry and mmseg's, so configs may say type='InternViT' with or without scope.
-    from mmengine.registry import MODELS as ROOT_MODELS
-    from mmseg.registry import MODELS as MMSEG_MODELS
-    for registry in (ROOT_MODELS, MMSEG_MODELS):
-        registry.register_module(name='InternViT', module=InternViT, force=True)
-
-
-_register()
+Nothing here imports MMEngine, mmseg or mmcv; ``mm_adapter`` registers the model there. Modules, in import order:
+``presets`` (architectures as data), ``dtypes``, ``pos_embed``, ``layouts`` (weight name tables, canonical
+conversion), ``arch_config`` (architecture from a checkpoint, config.json for an architecture), ``reading`` (safe
+reading of files and directories), ``loading`` (strict load), ``internvit`` (the model), ``writing`` (exports),
+``atomic`` (atomic writes).
+"""
+from .internvit import InternViT, count_parameters
+from .pos_embed import resample_pos_embed
+from .presets import PRESETS, InternViTArch, resolve_arch, vit_forward_flops
 
 __all__ = ['InternViT', 'InternViTArch', 'PRESETS', 'resolve_arch', 'resample_pos_embed', 'vit_forward_flops',
            'count_parameters']

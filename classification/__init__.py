@@ -1,22 +1,38 @@
 """ImageNet linear probes on a frozen InternViT (MMEngine): model and sweep, feature cache, datasets, metrics.
 
 Importing the package registers everything in MMEngine's root registries (configs use
-``custom_imports=dict(imports=['backbones', 'classification'])``).
+``custom_imports=dict(imports=['mm_adapter', 'classification'])``).
 """
-import backbones  # noqa: F401  (registers InternViT; installs the mmcv shim first)
+import mm_adapter  # noqa: F401  (registers InternViT in MMEngine's registry)
 
 from .backbone_identity import backbone_identity, weights_sha256
 from .checkpoint import ProbeCheckpointError, read_probe_checkpoint
-from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, ImageNetFolder, ImageNetReaL,
-                       ImageNetV2Folder, ImageReadError, probe_collate, published_class_subset, read_class_list,
-                       stratified_holdout)
+from .datasets import (
+    DatasetLayoutError,
+    HeldOutSplit,
+    ImageNetFileList,
+    ImageNetFolder,
+    ImageNetReaL,
+    ImageNetV2Folder,
+    ImageReadError,
+    probe_collate,
+    published_class_subset,
+    read_class_list,
+    stratified_holdout,
+)
 from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
 from .heads import AttentionPooling, FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
 from .hooks import FeatureCacheHook, HeadEMAHook, HeadSelectionHook, ProbeCheckpointHook
 from .loops import MissingEvaluationSetError, MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
-from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
-                    ProbeDataPreprocessor, probe_record)
+from .model import (
+    DEFAULT_SWEEP_FEATURES,
+    DEFAULT_SWEEP_LRS,
+    BackboneMismatchError,
+    LinearProbe,
+    ProbeDataPreprocessor,
+    probe_record,
+)
 from .optim import LinearProbeOptimWrapperConstructor, ProbeOptimWrapper
 from .runner import ProbeRunner, apply_sweep_switch
 from .schedule import TimmCosineLR

@@ -10,20 +10,15 @@ them up without scope):
 - ``InternViTBlockFSDP`` (model wrapper): FSDP with one shard unit per InternViT block, blocks in bf16;
 - hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``;
 
-and makes MMEngine's local checkpoint writes atomic (``segmentation.atomic_io``).
 """
-import backbones  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)
+import mm_adapter  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)
 
-from .atomic_io import install_atomic_local_backend  # noqa: E402
-from .datasets import (CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticADE20KDataset,  # noqa: E402
-                       few_shot_subset)
+from .datasets import CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticADE20KDataset, few_shot_subset  # noqa: E402
 from .fsdp import InternViTBlockFSDP  # noqa: E402
 from .heads import LinearBNHead  # noqa: E402
 from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
-
-install_atomic_local_backend()
 
 __all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
            'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',

@@ -420,8 +420,8 @@ def test_a_missing_set_does_not_stop_the_others_and_fails_at_the_end(tmp_path):
         write_image(tmp_path / 'val' / c / f'{c}.png', 40)
     eval_56 = dict(type='ProbeEvalTransform', size=56)
     sets = [dict(name='IN-1K', dataset=dict(type='ImageNetFolder', root=str(tmp_path / 'val'), pipeline=eval_56)),
-            dict(name='V2', dataset=dict(type='ImageNetV2Folder', root=str(tmp_path / 'nowhere'), classes=['n01', 'n02'],
-                                         pipeline=eval_56)),
+            dict(name='V2', dataset=dict(type='ImageNetV2Folder', root=str(tmp_path / 'nowhere'),
+                                         classes=['n01', 'n02'], pipeline=eval_56)),
             dict(name='Sketch', dataset=dict(type='ImageNetFolder', root=str(tmp_path / 'val'), name='Sketch',
                                              pipeline=eval_56))]
     evaluated = []
@@ -444,7 +444,8 @@ def test_a_missing_set_does_not_stop_the_others_and_fails_at_the_end(tmp_path):
             return Evaluator(cfg)
 
     loop = MultiSetTestLoop(Runner(), {}, dict(type='ImageNetAccuracy'), sets=sets)
-    with pytest.raises(MissingEvaluationSetError, match=rf"(?s)V2: .*{tmp_path / 'nowhere'} does not exist.*test_cfg.skip"):
+    missing = rf"(?s)V2: .*{tmp_path / 'nowhere'} does not exist.*test_cfg.skip"
+    with pytest.raises(MissingEvaluationSetError, match=missing):
         loop.run()
     assert evaluated == ['IN-1K', 'Sketch']  # the set after the missing one was still evaluated
     metrics = MultiSetTestLoop(Runner(), {}, dict(type='ImageNetAccuracy'), sets=sets, skip=['V2']).run()

@@ -10,13 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
-
-if importlib.util.find_spec('chat') is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,13 +25,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--dynamic', action='store_true', help='dynamic-resolution tiles (default: the model config)')
     parser.add_argument('--max-tiles', type=int, default=None, help='maximum tiles with --dynamic')
     parser.add_argument('--dtype', default=None, help='bfloat16, float16 or float32 (default: as stored)')
-    parser.add_argument('--device', default='cuda' if _cuda() else 'cpu')
+    parser.add_argument('--device', default=None, help='default: cuda where available, else cpu')
     parser.add_argument('--max-new-tokens', type=int, default=256)
     parser.add_argument('--tiny-quickstart', metavar='WORK_DIR', help='run the CPU quick start in WORK_DIR')
     parser.add_argument('--steps', type=int, default=80, help='SFT steps of the quick start')
     args = parser.parse_args(argv)
     if not args.tiny_quickstart and not args.model:
         parser.error('give --model CHAT_DIR (or --tiny-quickstart WORK_DIR)')
+    args.device = args.device or ('cuda' if _cuda() else 'cpu')  # after --help: torch is imported here
     return args
 
 
@@ -63,7 +60,8 @@ def chat_loop(args: argparse.Namespace) -> None:
         if not question:
             continue
         start = time.time()
-        answer, history = model.chat(tokenizer, pixel_values, question, generation, history=history)
+        answer, history = model.chat(tokenizer, pixel_values, question, generation, history=history,
+                                     return_history=True)
         print(f'Q: {question}\nA: {answer}\n({time.time() - start:.1f}s)', flush=True)
 
 
@@ -92,7 +90,7 @@ def tiny_quickstart(work_dir: str, steps: int) -> dict:
     correct = 0
     for colour in COLOURS:
         pixels = load_image(work / 'data' / 'images' / f'{colour}.png', model.image_size)
-        answer, _ = model.chat(tokenizer, pixels, 'what colour is the square?', dict(max_new_tokens=12))
+        answer = model.chat(tokenizer, pixels, 'what colour is the square?', dict(max_new_tokens=12))
         correct += answer == f'the square is {colour}.'
         print(f'{colour:>6} square -> {answer!r}', flush=True)
     print(f'loss {metrics["first_logged_loss"]:.3f} -> {metrics["last_logged_loss"]:.3f} in {steps} steps; '

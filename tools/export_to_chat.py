@@ -20,24 +20,17 @@ outputs and the source model's on a random batch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-if importlib.util.find_spec('backbones') is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if TYPE_CHECKING:  # torch and backbones are imported by the functions that use them: --help answers at once
+    import torch
 
-import torch  # noqa: E402
-
-from backbones.arch_config import arch_for_weights, vision_config_of  # noqa: E402
-from backbones.dtypes import as_dtype  # noqa: E402
-from backbones.internvit import InternViT  # noqa: E402
-from backbones.layouts import WeightsError  # noqa: E402
-from backbones.loading import load_into_model  # noqa: E402
-from backbones.reading import read_weights  # noqa: E402
-from backbones.writing import write_hf, write_into_chat  # noqa: E402
+    from backbones.internvit import InternViT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +64,8 @@ def _chat_vision_config(chat_dir: str) -> dict:
     config_file = Path(chat_dir) / 'config.json'
     if not config_file.is_file():
         raise FileNotFoundError(f'{config_file} does not exist: --into-chat needs an InternVL-Chat directory')
+    from backbones.arch_config import vision_config_of
+    from backbones.layouts import WeightsError
     config = json.loads(config_file.read_text())
     vision = vision_config_of(config)
     if vision is None or 'vision_config' not in config:
@@ -79,21 +74,27 @@ def _chat_vision_config(chat_dir: str) -> dict:
 
 
 def _loaded_model(arch, state_dict, source: str) -> InternViT:
-    """An fp32 model holding exactly these weights; built on the meta device to skip random init (slow for 6B)."""
-    with torch.device('meta'):
-        model = InternViT(arch)
-    model.to_empty(device='cpu')
-    load_into_model(model, state_dict, source=source)  # strict: every parameter is overwritten
-    return model.float()
+    """An fp32 model holding exactly these weights (no random init: slow for 6B)."""
+    import torch
+
+    from backbones.internvit import InternViT
+    from backbones.loading import build_and_load
+    return build_and_load(lambda: InternViT(arch), state_dict, source=source, dtype=torch.float32)
 
 
 def _forward(model: InternViT, images: torch.Tensor) -> torch.Tensor:
+    import torch
     model.eval()
     with torch.no_grad():
         return model.forward_features(images)
 
 
 def export(args: argparse.Namespace) -> int:
+    from backbones.arch_config import arch_for_weights
+    from backbones.dtypes import as_dtype
+    from backbones.layouts import WeightsError
+    from backbones.reading import read_weights
+    from backbones.writing import write_hf, write_into_chat
     start = time.time()
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -132,6 +133,10 @@ def export(args: argparse.Namespace) -> int:
 
 def verify(weights, arch, out: Path, image_size: int, batch: int) -> float:
     """Largest |difference| of final tokens between the source weights and the re-read export (fp32 compute)."""
+    import torch
+
+    from backbones.arch_config import arch_for_weights
+    from backbones.reading import read_weights
     log(f'verify: running the source model and the reloaded export on a random {batch}x3x{image_size}x'
         f'{image_size} batch (fp32)')
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -153,6 +158,9 @@ def verify(weights, arch, out: Path, image_size: int, batch: int) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not logging.getLogger().handlers:  # show what the weight code reports (resampling, files written)
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='[%(name)s] %(message)s')
+    from backbones.layouts import WeightsError
     try:
         return export(args)
     except (WeightsError, FileExistsError, FileNotFoundError) as err:

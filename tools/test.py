@@ -10,15 +10,6 @@ stand-ins (``backbones.reading.safe_torch_load``); a file holding any other obje
 import argparse
 import os
 import os.path as osp
-import sys
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-import backbones  # noqa: E402,F401
-from backbones.compat import trust_checkpoints_in  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
-
-from segmentation.runtime import build_runner, init_distributed_without_cuda, prepare_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,7 +19,7 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='where the logs go (default: work_dirs/<config name>)')
     parser.add_argument('--show-dir', help='write <image name>.png overlays (ground truth | prediction) here')
     parser.add_argument('--max-overlays', type=int, default=None, help='write at most this many overlays')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, help='override config keys')
+    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE', help='override config keys')
     parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -41,8 +32,14 @@ def main(argv=None):
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path} does not exist')
+    # MMEngine is imported once the arguments are parsed, so that --help answers at once.
+    from mmengine.config import Config
+
+    import mm_adapter  # noqa: F401  (mmcv.ops shim before mmseg, InternViT registration)
+    from mm_adapter.compat import trust_checkpoints_in
+    from mm_adapter.runtime import build_runner, cfg_options, init_distributed_without_cuda, prepare_config
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
+    cfg.merge_from_dict(cfg_options(args.cfg_options))
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False
