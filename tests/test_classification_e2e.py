@@ -116,6 +116,7 @@ def test_two_gloo_processes_agree_with_one(workspace):
          '--cfg-options', f'model.num_classes={CLASSES}', 'train_dataloader.batch_size=3', *options],
         cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'terminate called' not in result.stderr  # no SIGABRT at exit (run_safety.finish_run)
     train_in_process(CONFIG, single_dir, 'train_dataloader.batch_size=6', *options)
     ddp, _ = heads_of(ddp_dir / 'epoch_2.pth')
     single, _ = heads_of(single_dir / 'epoch_2.pth')
@@ -195,6 +196,7 @@ def test_two_gloo_processes_share_the_feature_extraction(workspace):
          'train_dataloader.batch_size=8', *cache_options('ddp_cache')],
         cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'terminate called' not in result.stderr  # no SIGABRT at exit (run_safety.finish_run)
     log = sorted(glob.glob(str(workspace / 'ddp_cached' / '*' / '*.log')))[-1]
     assert 'in1k_train: rank 0 extracts 2 of 3 shards' in open(log).read()  # rank 1 took the third
     train_in_process(CACHED_SWEEP_CONFIG, workspace / 'one_cached', 'train_dataloader.batch_size=16',

@@ -12,7 +12,8 @@ embedding is resampled to ``--image-size`` (default 448, the InternVL-Chat input
 With ``--into-chat CHAT_DIR``, a new directory: a copy of CHAT_DIR with its ``vision_model.*`` tensors replaced
 (shapes checked, dtypes and image size of the chat model kept, every other file and tensor unchanged).
 CHAT_DIR is never modified. OUT is written beside its final place and renamed when complete; an existing OUT is
-refused unless ``--overwrite``.
+refused unless ``--overwrite``, which replaces only a previous export (marked by a ``.internvit_export`` file) that
+does not contain SRC: a run directory, a chat model or any other folder is never deleted.
 
 ``--verify`` reloads OUT with this package's loader and prints the largest absolute difference between its
 outputs and the source model's on a random batch.
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              '16 for width 1024)')
     parser.add_argument('--verify', action='store_true',
                         help='reload OUT and print the largest output difference to the source model')
-    parser.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace OUT if it is a previous export (never a directory holding SRC)')
     parser.add_argument('--verify-batch', type=int, default=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -91,14 +93,15 @@ def _forward(model: InternViT, images: torch.Tensor) -> torch.Tensor:
 
 def export(args: argparse.Namespace) -> int:
     from backbones.arch_config import arch_for_weights
+    from backbones.atomic import check_replaceable
     from backbones.dtypes import as_dtype
     from backbones.layouts import WeightsError
     from backbones.reading import read_weights
     from backbones.writing import write_hf, write_into_chat
     start = time.time()
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f'{out} already exists; pass --overwrite to replace it')
+    # before the (long) read; checked again before the rename
+    check_replaceable(out, args.overwrite, [args.src] + ([args.into_chat] if args.into_chat else []))
 
     log(f'reading {args.src}')
     weights = read_weights(args.src)
@@ -123,7 +126,8 @@ def export(args: argparse.Namespace) -> int:
         image_size = args.image_size or 448
         dtype = as_dtype(args.dtype or 'bfloat16')
         log(f'writing HF InternVisionModel directory {out} ({image_size}px, {dtype})')
-        write_hf(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite)
+        write_hf(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite,
+                 source=args.src)
     log(f'done in {time.time() - start:.1f}s: {out}')
 
     if args.verify:
