@@ -59,6 +59,7 @@ class ProbeRunner(Runner):
     MMEngine's loader and the work-dir trust boundary (``backbones.compat``), as its message hub needs."""
 
     _resuming = False
+    loads_checkpoints_strictly = True  # mm_adapter.strict_loading leaves load_checkpoint to this class
 
     @classmethod
     def from_cfg(cls, cfg) -> 'ProbeRunner':
