@@ -100,8 +100,13 @@ def skip_pretrained_held_by(cfg: Config, checkpoint: str) -> None:
     ``pretrained/`` download. Checkpoints without the backbone (linear-probe heads) keep it."""
     if not osp.isfile(checkpoint):
         return
+    from backbones.layouts import WeightsError
+
     from .strict_loading import read_checkpoint
-    state_dict, _ = read_checkpoint(checkpoint)  # memory-mapped: only the key names are needed
+    try:
+        state_dict, _ = read_checkpoint(checkpoint)  # memory-mapped: only the key names are needed
+    except WeightsError:
+        return  # e.g. the published probe head (a yacs config beside it): the runner's own loader reads it
     if not any(key.startswith('backbone.') for key in state_dict):
         return
     for path, backbone in _internvit_nodes(cfg.get('model', {})):

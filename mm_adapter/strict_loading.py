@@ -158,8 +158,13 @@ def load_checkpoint_strictly(model: nn.Module, filename: str, allow_partial: boo
 
 
 def install_strict_loading(runner, allow_partial: bool = False, convert: Optional[Converter] = None) -> None:
-    """Make ``runner`` load ``load_from`` strictly (see the module docstring); resume is untouched."""
+    """Make ``runner`` load ``load_from`` strictly (see the module docstring); resume is untouched. A runner
+    class with ``loads_checkpoints_strictly = True`` keeps its own strict loading (classification's ProbeRunner:
+    probe records, the published head file)."""
     from mmengine.runner import FlexibleRunner
+
+    if getattr(runner, 'loads_checkpoints_strictly', False):
+        return
 
     def load(model: nn.Module, filename: str) -> dict:
         checkpoint = load_checkpoint_strictly(model, filename, allow_partial, convert)
