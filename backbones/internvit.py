@@ -312,13 +312,16 @@ class InternViT(BaseModule):
             the caller's heads stay in fp32.
         attn_impl: ``'sdpa'`` (default), ``'eager'`` or ``'flash_attn'`` (optional package, GPU).
         grad_checkpointing: recompute each block in backward (activation checkpointing).
+        compile: ``torch.compile`` each block (regional compilation: all blocks share one compiled graph, so compile
+            time does not grow with depth; ``fullgraph`` except with flash-attn, an opaque extension call). The
+            parameter names stay as they are.
     """
 
     def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | None = None,
                  out_indices: Iterable[int] | None = None, output_format: str = 'nchw', with_cls: bool = False,
                  frozen: bool = False, dtype: str | torch.dtype | None = None, attn_impl: str = 'sdpa',
-                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, init_cfg=None,
-                 **arch_overrides):
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, compile: bool = False,
+                 init_cfg=None, **arch_overrides):
         super().__init__()
         self.arch = resolve_arch(preset, **arch_overrides)
         if output_format not in ('nchw', 'tokens'):
@@ -344,7 +347,10 @@ class InternViT(BaseModule):
         with torch.device('meta') if skip_init else contextlib.nullcontext():
             self.embeddings = Embeddings(self.arch)
             self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
-        if skip_init:
+        from .deferred_load import defer, loading_is_deferred
+        if skip_init and loading_is_deferred():
+            defer(self, pretrained)  # stays on meta; a sharded start-up fills each unit (backbones.deferred_load)
+        elif skip_init:
             self.to_empty(device=target)
             self.load_pretrained(pretrained)
         else:
@@ -352,6 +358,9 @@ class InternViT(BaseModule):
             if pretrained is not None:
                 print_log(f'InternViT built on the meta device: {pretrained} is not loaded', logger='current')
         self._apply_dtype_and_freeze()
+        self.compiled = bool(compile)
+        if compile:
+            self.compile_blocks(fullgraph=attn_impl != 'flash_attn')
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property
@@ -392,6 +401,11 @@ class InternViT(BaseModule):
         if self.frozen:
             self.requires_grad_(False)
             self.train(False)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every block in place (``nn.Module.compile``: the module and its names are kept)."""
+        for block in self.encoder.layers:
+            block.compile(**compile_kwargs)
 
     def init_weights(self):
         # Weights (pretrained or random) are set at construction; MMEngine's runner must not redo them.
