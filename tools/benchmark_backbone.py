@@ -65,6 +65,11 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux: the process peak
 
 
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters['stats']['unique_graphs']
+
+
 def time_model(args, attn_impl: str) -> dict:
     device = torch.device(args.device)
     model = build(args, attn_impl)
@@ -101,7 +106,8 @@ def time_model(args, attn_impl: str) -> dict:
                   dtype=args.dtype, attn=attn_impl, compile=args.compile, train=args.train, device=str(device),
                   device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                   seconds_per_batch=seconds, first_step_seconds=first_step, images_per_s=args.batch / seconds, tflops=flops / seconds / 1e12,
-                  peak_memory_gib=peak_memory_gib(device))
+                  peak_memory_gib=peak_memory_gib(device),
+                  compiled_graphs=compiled_graphs() if args.compile else 0)
     del model
     return result
 
