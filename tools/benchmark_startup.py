@@ -12,7 +12,7 @@ build the model with ``pretrained=`` that checkpoint, initialise and broadcast, 
   * ``today``: MMEngine's ``FSDPStrategy`` (every rank builds and loads the full fp32 model, then shards it);
   * ``sharded``: ``InternViTFSDPStrategy`` (backbone on the meta device, each unit loaded and sharded in turn).
 
-Each rank reports its peak resident set size during start-up (``ru_maxrss`` after wrapping minus the resident size
+Each rank reports its peak resident set size during start-up (``VmHWM`` after wrapping minus the resident size
 before building: imports and the Python/torch runtime are not counted), relative to the fp32 size of the whole model.
 ``--save-states DIR`` also writes each strategy's full state dict after wrapping (rank 0), for comparing them.
 """
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import os.path as osp
-import resource
 import socket
 import subprocess
 import sys
@@ -40,7 +39,13 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: the peak of this process's own memory map. ru_maxrss would start at the parent's resident size at
+    # fork (it is kept across exec), which is the benchmark's own process, not the rank's start-up.
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('no VmHWM in /proc/self/status')
 
 
 def model_config(args) -> dict:
@@ -76,10 +81,13 @@ def worker(args) -> None:
         torch.manual_seed(0)  # the runner seeds every rank alike before building
         model = strategy.build_model(model_config(args))
         deferred = sum(p.numel() for p in model.parameters() if p.is_meta)
+        stages = dict(built=(current_rss() - before, peak_rss() - before))
         model = strategy._init_model_weights(model)
+        stages['initialised'] = (current_rss() - before, peak_rss() - before)
         model = strategy._wrap_model(model)
         seconds = time.perf_counter() - start
         peak = peak_rss()
+        stages['wrapped'] = (current_rss() - before, peak - before)
     # the model's fp32 size: the sharded parameters add up to it over the ranks
     numel = torch.tensor(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     dist.all_reduce(numel)
@@ -91,7 +99,8 @@ def worker(args) -> None:
         if rank == 0:
             torch.save(state, osp.join(args.save_states, f'{args.strategy}.pth'))
     result = dict(strategy=args.strategy, rank=rank, seconds=seconds, deferred_parameters=deferred,
-                  rss_before=before, peak_rss=peak, model_fp32_bytes=int(numel.item()) * 4)
+                  rss_before=before, peak_rss=peak, model_fp32_bytes=int(numel.item()) * 4,
+                  rss_and_peak_increase_by_stage=stages)
     with open(osp.join(args.results, f'{args.strategy}_rank{rank}.json'), 'w') as f:
         json.dump(result, f)
     dist.destroy_process_group()

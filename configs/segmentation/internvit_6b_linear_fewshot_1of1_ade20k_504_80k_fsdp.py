@@ -15,5 +15,5 @@ param_scheduler = [
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters // 10)
 default_hooks = dict(checkpoint=dict(interval=max_iters // 10))
 runner_type = 'FlexibleRunner'
-strategy = dict(type='FSDPStrategy', state_dict_cfg='full',
+strategy = dict(type='InternViTFSDPStrategy', state_dict_cfg='full',
                 model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bfloat16'))
