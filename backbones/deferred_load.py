@@ -25,9 +25,10 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from .internvit import resample_pos_embed
-from .weights import (POS_KEY, WeightsError, _plan, _safetensors_keys, _split_names, _unwrap, read_tensors,
-                      safe_torch_load, to_canonical, weight_files)
+from .layouts import POS_KEY, WeightsError, _plan, _split_names, to_canonical
+from .loading import load_into_model
+from .pos_embed import resample_pos_embed
+from .reading import _safetensors_keys, _unwrap, read_tensors, safe_torch_load, weight_files
 
 _DEPTH = [0]  # nesting depth of deferred_loading()
 # Every module of a deferred backbone -> (its checkpoint reader, its name inside the backbone).
@@ -109,7 +110,6 @@ class CheckpointReader:
 
 def defer(backbone: nn.Module, path: str) -> None:
     """Check ``path`` against the meta-device ``backbone`` and remember where each of its modules loads from."""
-    from .weights import load_into_model
     reader = CheckpointReader(path)
     load_into_model(backbone, reader.meta_state_dict(), source=str(path), strict=True)  # names and shapes only
     for name, module in backbone.named_modules():

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from backbones import InternViT
 from backbones.deferred_load import deferred_loading, materialize
-from backbones.weights import WeightsError, from_canonical
+from backbones.layouts import WeightsError, from_canonical
 from segmentation.testing import QUICKSTART_CONFIG
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
