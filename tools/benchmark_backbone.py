@@ -106,10 +106,10 @@ def time_model(args, attn_impl: str) -> dict:
     result = dict(preset=args.preset, depth=model.depth, width=model.embed_dim, img_size=side, batch=args.batch,
                   dtype=args.dtype, attn=attn_impl, compile=args.compile, train=args.train, device=str(device),
                   device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                  seconds_per_batch=seconds, first_step_seconds=first_step, images_per_s=args.batch / seconds, tflops=flops / seconds / 1e12,
+                  seconds_per_batch=seconds, first_step_seconds=first_step, images_per_s=args.batch / seconds,
+                  tflops=flops / seconds / 1e12,
                   peak_memory_gib=peak_memory_gib(device),
                   compiled_graphs=compiled_graphs() if args.compile else 0)
-    del model
     return result
 
 

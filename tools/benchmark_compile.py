@@ -2,8 +2,9 @@
 
     python tools/benchmark_compile.py [--depths 4 8] [--preset internvit_300m_448] [--img-size 56] [--train]
 
-All blocks share one compiled graph (the last column), so compile time should not grow with depth. Each depth runs ``tools/benchmark_backbone.py --compile`` in a fresh process with an empty inductor cache (a warm
-on-disk cache would hide the compilation). Compile time = first step - a steady step.
+All blocks share one compiled graph (the last column), so compile time should not grow with depth. Each depth runs
+``tools/benchmark_backbone.py --compile`` in a fresh process with an empty inductor cache (a warm on-disk cache would
+hide the compilation). Compile time = first step - a steady step.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def main(argv=None):
           f'| compile s | steady step s | compiled graphs |')
     print('|---|---|---|---|')
     for r in rows:
-        print(f"| {r['depth']} blocks | {r['compile_seconds']:.1f} | {r['seconds_per_batch']:.3f} | {r['compiled_graphs']} |")
+        print(f"| {r['depth']} blocks | {r['compile_seconds']:.1f} | {r['seconds_per_batch']:.3f} | "
+              f"{r['compiled_graphs']} |")
     return rows
 
 
