@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .arch_config import arch_for_weights
+from .deferred_load import defer, loading_is_deferred
 from .dtypes import as_dtype
 from .layouts import Weights
 from .loading import build_and_load, load_into_model
@@ -198,13 +199,16 @@ class InternViT(nn.Module):
             the caller's heads stay in fp32.
         attn_impl: ``'sdpa'`` (default), ``'eager'`` or ``'flash_attn'`` (optional package, GPU).
         grad_checkpointing: recompute each block in backward (activation checkpointing).
+        compile: ``torch.compile`` each block (regional compilation: all blocks share one compiled graph, so compile
+            time does not grow with depth; ``fullgraph`` except with flash-attn, an opaque extension call). The
+            parameter names stay as they are.
     """
 
     def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | Weights | None = None,
                  out_indices: Iterable[int] | None = None, output_format: str = 'nchw', with_cls: bool = False,
                  frozen: bool = False, dtype: str | torch.dtype | None = None, attn_impl: str = 'sdpa',
-                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, init_cfg=None,
-                 **arch_overrides):
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, compile: bool = False,
+                 init_cfg=None, **arch_overrides):
         super().__init__()
         self.arch = resolve_arch(preset, **arch_overrides)
         if output_format not in ('nchw', 'tokens'):
@@ -224,7 +228,13 @@ class InternViT(nn.Module):
                              f'pretrained=PATH, which is loaded and checked at construction')
 
         target = torch.get_default_device()
-        if pretrained is not None and target.type != 'meta':
+        if pretrained is not None and target.type != 'meta' and loading_is_deferred():
+            # A sharded start-up (segmentation.fsdp.InternViTFSDPStrategy) fills each unit from the file while
+            # wrapping: the backbone stays on meta until then (backbones.deferred_load).
+            with torch.device('meta'):
+                self._build_modules(drop_path_rate, attn_impl)
+            defer(self, pretrained)
+        elif pretrained is not None and target.type != 'meta':
             # Built without initializing (a 6B model's random init takes minutes and the strict load overwrites
             # every tensor); each tensor is then allocated once, in the compute dtype, from the checkpoint.
             weights = pretrained if isinstance(pretrained, Weights) else read_weights(pretrained)
@@ -238,6 +248,9 @@ class InternViT(nn.Module):
             if pretrained is not None:
                 logger.info(f'InternViT built on the meta device: {self.pretrained} is not loaded')
         self._apply_dtype_and_freeze()
+        self.compiled = bool(compile)
+        if compile:
+            self.compile_blocks(fullgraph=attn_impl != 'flash_attn')
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _build_modules(self, drop_path_rate: float, attn_impl: str) -> 'InternViT':
@@ -283,6 +296,11 @@ class InternViT(nn.Module):
         if self.frozen:
             self.requires_grad_(False)
             self.train(False)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every block in place (``nn.Module.compile``: the module and its names are kept)."""
+        for block in self.encoder.layers:
+            block.compile(**compile_kwargs)
 
     def init_weights(self):
         """Nothing to do: weights (pretrained or random) are set at construction. Frameworks that call

@@ -66,7 +66,7 @@ def enable_amp(cfg: Config) -> None:
     wrapper['type'] = 'AmpOptimWrapper'
     wrapper['dtype'] = 'bfloat16' if bf16 else 'float16'
     wrapper.setdefault('loss_scale', 'dynamic')
-    if _strategy_type(cfg) == 'FSDPStrategy':
+    if _strategy_type(cfg) in ('FSDPStrategy', 'InternViTFSDPStrategy'):
         wrapper['use_fsdp'] = True
 
 

@@ -12,6 +12,12 @@ Activation checkpointing is switched on by the backbone's ``grad_checkpointing=T
 moves it there: each block becomes ``FSDP(CheckpointWrapper(Block))`` and the backbone's own checkpointing is off.
 ``use_orig_params=True`` keeps the parameter names the layer-decay constructor reads. Without a GPU the wrapper
 runs on the CPU (gloo), which is what the tests use.
+
+Start-up in bounded host memory: ``strategy = dict(type='InternViTFSDPStrategy', ...)`` builds the model with the
+InternViT backbone on the meta device (``backbones.deferred_load``); FSDP then allocates one unit at a time, fills it
+from the ``pretrained`` checkpoint (only that unit's tensors are read) and shards it before the next, so a rank holds
+its shard plus one block instead of the whole fp32 model and the whole checkpoint. Neck and heads are built and
+initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up.
 """
 from __future__ import annotations
 
@@ -19,8 +25,10 @@ from functools import partial
 from typing import Optional
 
 import torch
+from mmengine._strategy import FSDPStrategy
 from mmengine.logging import print_log
 from mmengine.model.wrappers import MMFullyShardedDataParallel
+from mmengine.registry import STRATEGIES
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
@@ -30,6 +38,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import BackwardPrefetch, FullyShardedDataParallel, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import CustomPolicy
 
+from backbones.deferred_load import deferred_loading, materialize
 from backbones.dtypes import as_dtype
 from backbones.internvit import Block, InternViT
 
@@ -69,6 +78,9 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
                              'original parameter names)')
         if not torch.cuda.is_available():
             device_id = torch.device('cpu')
+        if any(p.is_meta for p in module.parameters()):  # built by InternViTFSDPStrategy: fill unit by unit
+            device = device_id if isinstance(device_id, torch.device) else torch.device('cuda', device_id or 0)
+            kwargs.setdefault('param_init_fn', partial(materialize, device=device))
         # MMFullyShardedDataParallel.__init__ only converts config strings and refuses policy objects, so the
         # FSDP constructor is called directly with converted arguments.
         FullyShardedDataParallel.__init__(
@@ -89,3 +101,38 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
             self, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
             check_fn=lambda module: isinstance(module, Block))
         print_log('InternViTBlockFSDP: activation checkpointing inside every block unit', logger='current')
+
+
+@STRATEGIES.register_module(force=True)
+class InternViTFSDPStrategy(FSDPStrategy):
+    """``FSDPStrategy`` whose InternViT backbones (with ``pretrained``) start on the meta device and are loaded unit
+    by unit while ``InternViTBlockFSDP`` shards them (see the module docstring). Same arguments as
+    ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP`` (or pass ``param_init_fn`` yourself)."""
+
+    def build_model(self, model):
+        with deferred_loading():
+            model = super().build_model(model)
+        deferred = sum(p.numel() for p in model.parameters() if p.is_meta)
+        if deferred:
+            print_log(f'InternViTFSDPStrategy: {deferred:,} backbone parameters on the meta device, loaded per '
+                      f'shard unit while wrapping', logger='current')
+        return model
+
+    def _init_model_weights(self, model: nn.Module) -> nn.Module:
+        # MMEngine's version reads every parameter (init_weights records their means) and broadcasts them from rank
+        # 0; the deferred backbones have no values yet (each rank reads them from the same file while wrapping), so
+        # they are set aside meanwhile. InternViT's own init_weights does nothing (weights are set at construction).
+        deferred = [name for name, m in model.named_modules()
+                    if isinstance(m, InternViT) and any(p.is_meta for p in m.parameters())]
+        if '' in deferred:
+            return model  # the model is the backbone itself: nothing else to initialise
+        parents = [model.get_submodule(name.rpartition('.')[0]) for name in deferred]
+        children = [name.rpartition('.')[2] for name in deferred]
+        backbones = [parent._modules[child] for parent, child in zip(parents, children)]
+        for parent, child in zip(parents, children):
+            parent._modules[child] = nn.Module()
+        try:
+            return super()._init_model_weights(model)
+        finally:
+            for parent, child, backbone in zip(parents, children, backbones):
+                parent._modules[child] = backbone

@@ -24,7 +24,7 @@ EXPECTED = {
     'internvit_6b_upernet_frozen_ade20k_504_80k': ('internvit_6b_224', [11, 23, 35, 47], True, 0.0, 1.0, 0.05,
                                                    'Runner'),
     'internvit_6b_upernet_full_ade20k_504_80k_fsdp': ('internvit_6b_224', [11, 23, 35, 47], False, 0.4, 0.95, 0.05,
-                                                      'FSDPStrategy'),
+                                                      'InternViTFSDPStrategy'),
     'internvit_6b_upernet_full_ade20k_504_80k_deepspeed': ('internvit_6b_224', [11, 23, 35, 47], False, 0.4, 0.95,
                                                            0.05, 'DeepSpeedStrategy'),
     'internvit_300m_linear_frozen_ade20k_504_80k': ('internvit_300m_448', [23], True, 0.0, 1.0, 0.0, 'Runner'),
@@ -36,7 +36,7 @@ EXPECTED = {
 FEW_SHOT = {16: 5000, 8: 10000, 4: 20000, 2: 40000, 1: 80000}
 for _n, _iters in FEW_SHOT.items():
     EXPECTED[f'internvit_6b_linear_fewshot_1of{_n}_ade20k_504_{_iters // 1000}k_fsdp'] = (
-        'internvit_6b_224', [47], False, 0.4, 0.95, 0.05, 'FSDPStrategy')
+        'internvit_6b_224', [47], False, 0.4, 0.95, 0.05, 'InternViTFSDPStrategy')
 
 
 def name_of(path):
@@ -91,7 +91,7 @@ def test_backbone_builds_on_meta_as_published(name):
         assert 'runner_type' not in cfg
     else:
         assert cfg.runner_type == 'FlexibleRunner' and cfg.strategy.type == runner
-    if runner == 'FSDPStrategy':
+    if runner == 'InternViTFSDPStrategy':
         assert cfg.strategy.model_wrapper.type == 'InternViTBlockFSDP'
         assert cfg.strategy.model_wrapper.block_param_dtype == 'bfloat16'
         assert sum(isinstance(m, Block) for m in model.modules()) == PRESETS[preset].depth  # FSDP units

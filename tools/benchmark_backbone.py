@@ -32,16 +32,19 @@ def parse_args(argv=None):
     p.add_argument('--img-size', type=int, default=None, help='input side (default: the preset\'s)')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--dtype', default='bfloat16', help='bfloat16 | float16 | float32')
-    p.add_argument('--attn', default='sdpa', help='sdpa | eager | flash_attn')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--attn', default='sdpa', choices=('sdpa', 'eager', 'flash_attn'))
+    p.add_argument('--compile', action='store_true', help='compile every block (InternViT(compile=True))')
     p.add_argument('--train', action='store_true', help='time forward+backward instead of inference')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--device', default=None, help='default: cuda where available, else cpu')
-    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps (at least 1; the first one compiles)')
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--compare-eager', action='store_true', help='also time eager attention, print the ratio')
     p.add_argument('--json', help='append the results as one JSON line to this file')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error('--warmup must be at least 1 (the first step is timed apart: it compiles with --compile)')
+    return args
 
 
 def build(args, attn_impl: str) -> InternViT:
@@ -54,7 +57,7 @@ def build(args, attn_impl: str) -> InternViT:
     torch.manual_seed(0)
     with torch.device(args.device):
         model = InternViT(args.preset, attn_impl=attn_impl, dtype=args.dtype,
-                          grad_checkpointing=args.grad_checkpointing, **overrides)
+                          grad_checkpointing=args.grad_checkpointing, compile=args.compile, **overrides)
     return model.train(args.train)
 
 
@@ -63,6 +66,11 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux: the process peak
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters['stats']['unique_graphs']
 
 
 def time_model(args, attn_impl: str) -> dict:
@@ -74,14 +82,13 @@ def time_model(args, attn_impl: str) -> dict:
     model = build(args, attn_impl)
     side = args.img_size or model.arch.img_size
     x = torch.randn(args.batch, 3, side, side, device=device, dtype=as_dtype(args.dtype))
-    step_fn = torch.compile(model.forward_features) if args.compile else model.forward_features
 
     def step():
         if args.train:
-            step_fn(x).float().pow(2).mean().backward()
+            model.forward_features(x).float().pow(2).mean().backward()
         else:
             with torch.inference_mode():
-                step_fn(x)
+                model.forward_features(x)
 
     def sync():
         if device.type == 'cuda':
@@ -89,7 +96,11 @@ def time_model(args, attn_impl: str) -> dict:
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
+    start = time.perf_counter()
+    step()  # with --compile, this first step compiles
+    sync()
+    first_step = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
         step()
     sync()
     start = time.perf_counter()
@@ -101,9 +112,10 @@ def time_model(args, attn_impl: str) -> dict:
     result = dict(preset=args.preset, depth=model.depth, width=model.embed_dim, img_size=side, batch=args.batch,
                   dtype=args.dtype, attn=attn_impl, compile=args.compile, train=args.train, device=str(device),
                   device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                  seconds_per_batch=seconds, images_per_s=args.batch / seconds, tflops=flops / seconds / 1e12,
-                  peak_memory_gib=peak_memory_gib(device))
-    del model
+                  seconds_per_batch=seconds, first_step_seconds=first_step, images_per_s=args.batch / seconds,
+                  tflops=flops / seconds / 1e12,
+                  peak_memory_gib=peak_memory_gib(device),
+                  compiled_graphs=compiled_graphs() if args.compile else 0)
     return result
 
 
@@ -111,7 +123,8 @@ def report(r: dict) -> None:
     mode = 'fwd+bwd' if r['train'] else 'inference'
     print(f"{r['device_name']} | {r['preset']} ({r['depth']} layers, C={r['width']}) {r['img_size']}px "
           f"batch {r['batch']} {r['dtype']} attn={r['attn']} compile={r['compile']} {mode}: "
-          f"{r['images_per_s']:.2f} img/s, {r['tflops']:.1f} TFLOP/s, peak memory {r['peak_memory_gib']:.2f} GiB",
+          f"{r['images_per_s']:.2f} img/s, {r['tflops']:.1f} TFLOP/s, peak memory {r['peak_memory_gib']:.2f} GiB, "
+          f"first step {r['first_step_seconds']:.1f} s",
           flush=True)
 
 

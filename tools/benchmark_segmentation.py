@@ -123,12 +123,15 @@ def main(argv=None):
           f'backbone {"forward" if backbone.frozen else "forward+backward"} {flops * its / 1e12:.3g} TFLOP/s, '
           f'last loss {loss:.3f}')
     if device.type == 'cuda':
-        print(f'peak memory: {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB allocated, '
+        peak = torch.cuda.max_memory_allocated(device) / GiB
+        print(f'peak memory: {peak:.2f} GiB allocated, '
               f'{torch.cuda.max_memory_reserved(device) / GiB:.2f} GiB reserved (timed iterations)')
     else:
-        print(f'peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GiB resident '
-              f'(whole process)')
-    return its
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+        print(f'peak memory: {peak:.2f} GiB resident (whole process)')
+    return dict(config=osp.basename(args.config), device_name=where, batch=batch, img_size=size[0],
+                iters_per_s=its, images_per_s=its * batch, tflops=flops * its / 1e12, peak_memory_gib=peak,
+                last_loss=loss)
 
 
 if __name__ == '__main__':

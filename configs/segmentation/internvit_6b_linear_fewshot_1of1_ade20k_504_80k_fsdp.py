@@ -13,5 +13,5 @@ param_scheduler = [dict(type='PolyLRWithLinearWarmup', power=1.0, eta_min=0.0, w
                         by_epoch=False, begin=0, end=max_iters)]
 train_cfg = dict(max_iters=max_iters)  # evaluation and checkpoints every 1000 iterations, best mIoU kept (base)
 runner_type = 'FlexibleRunner'
-strategy = dict(type='FSDPStrategy', state_dict_cfg='full',
+strategy = dict(type='InternViTFSDPStrategy', state_dict_cfg='full',
                 model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bfloat16'))

@@ -1,0 +1,74 @@
+"""Sharded start-up: InternViT on the meta device, filled unit by unit from its checkpoint (backbones.deferred_load,
+InternViTFSDPStrategy), gives exactly the weights of an ordinary start-up."""
+import os.path as osp
+import runpy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backbones import InternViT
+from backbones.deferred_load import deferred_loading, materialize
+from backbones.layouts import WeightsError, from_canonical
+from segmentation.testing import QUICKSTART_CONFIG
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def materialize_all(model):
+    for module in model.modules():
+        materialize(module, 'cpu')
+    return model
+
+
+@pytest.mark.parametrize('layout, suffix', [('hf', '.safetensors'), ('original', '.pth'), ('native', '.safetensors')])
+def test_deferred_backbone_loads_what_an_eager_load_loads(tmp_path, layout, suffix):
+    torch.manual_seed(0)
+    source = InternViT('internvit_tiny', depth=2, img_size=28)  # a 2x2 grid, resampled to 4x4 below
+    state = from_canonical(source.state_dict(), layout, prefix='backbone.' if layout == 'original' else '')
+    path = str(tmp_path / f'ckpt{suffix}')
+    if suffix == '.safetensors':
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save({'state_dict': state}, path)
+    eager = InternViT('internvit_tiny', depth=2, img_size=56, pretrained=path)
+    with deferred_loading():
+        deferred = InternViT('internvit_tiny', depth=2, img_size=56, pretrained=path)
+    assert all(p.is_meta for p in deferred.parameters())
+    materialize_all(deferred)
+    expected = eager.state_dict()
+    assert deferred.state_dict().keys() == expected.keys()
+    for name, value in deferred.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_deferred_loading_checks_the_checkpoint_before_reading_it(tmp_path):
+    path = str(tmp_path / 'short.safetensors')
+    save_file(InternViT('internvit_tiny', depth=2).state_dict(), path)
+    with deferred_loading(), pytest.raises(WeightsError, match='missing .*encoder.layers.2'):
+        InternViT('internvit_tiny', depth=3, pretrained=path)
+
+
+def test_materialize_refuses_a_meta_module_it_cannot_fill():
+    with torch.device('meta'):
+        layer = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match='Linear has tensors on the meta device .*weight.* nothing can fill them'):
+        materialize(layer, 'cpu')
+
+
+def test_fsdp_startup_on_two_ranks_equals_todays(tmp_path):
+    """tools/benchmark_startup.py with the quick-start segmentor (neck, UperNet, aux head) on 2 gloo processes: the
+    full state dict after FSDP wrapping is bit-identical between MMEngine's FSDPStrategy (full model on every rank)
+    and InternViTFSDPStrategy (backbone deferred; its 56-px checkpoint resampled to the 112-px model)."""
+    benchmark = runpy.run_path(osp.join(ROOT, 'tools', 'benchmark_startup.py'))
+    rows = benchmark['main'](['--preset', 'internvit_tiny', '--config', QUICKSTART_CONFIG, '--img-size', '112',
+                              '--save-states', str(tmp_path), '--timeout', '600'])
+    deferred = {(r['strategy'], r['rank']): r['deferred_parameters'] for r in rows}
+    backbone_size = sum(p.numel() for p in InternViT('internvit_tiny', img_size=112).parameters())
+    assert deferred == {('today', 0): 0, ('today', 1): 0, ('sharded', 0): backbone_size,
+                        ('sharded', 1): backbone_size}
+    today = torch.load(tmp_path / 'today.pth', weights_only=True)
+    sharded = torch.load(tmp_path / 'sharded.pth', weights_only=True)
+    assert sharded.keys() == today.keys() and any(k.startswith('decode_head.') for k in today)
+    for name, value in today.items():
+        assert torch.equal(sharded[name], value), name
