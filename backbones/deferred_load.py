@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .layouts import POS_KEY, WeightsError, _plan, _split_names, to_canonical
-from .loading import load_into_model
+from .loading import check_state_dict
 from .pos_embed import resample_pos_embed
 from .reading import _safetensors_keys, _unwrap, read_tensors, safe_torch_load, weight_files
 
@@ -111,7 +111,7 @@ class CheckpointReader:
 def defer(backbone: nn.Module, path: str) -> None:
     """Check ``path`` against the meta-device ``backbone`` and remember where each of its modules loads from."""
     reader = CheckpointReader(path)
-    load_into_model(backbone, reader.meta_state_dict(), source=str(path), strict=True)  # names and shapes only
+    check_state_dict(backbone, reader.meta_state_dict(), source=str(path), strict=True)  # names and shapes only
     for name, module in backbone.named_modules():
         _OWNERS[module] = (reader, name)
 

@@ -68,6 +68,18 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
     return {k: sd[k] for k in loadable}
 
 
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
+                     strict: bool = True) -> dict[str, torch.Tensor]:
+    """The canonical tensors of ``state_dict`` that ``load_into_model`` would load into ``model`` (position
+    embedding resampled to the model's grid), after checking names and shapes; copies nothing, so a state dict of
+    meta tensors checks a checkpoint without reading it."""
+    sd = {k: v for k, v in as_canonical(state_dict).items() if isinstance(v, torch.Tensor)}
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    pos_param = params.get(POS_KEY)
+    _resample_to_grid(sd, model.arch.grid_size, source, pos_param.dtype if pos_param is not None else None)
+    return _check(sd, {k: v.shape for k, v in params.items()}, model.depth, source, strict)
+
+
 def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, strict: bool = True,
                     dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> None:
     """Load a (canonical, or any-layout) state dict into an ``InternViT``, resampling the position embedding.
@@ -81,11 +93,8 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     ``safetensors.torch.load_file`` gives), any other is converted in one copy. Parameters that already exist
     are copied into. Pages of memory-mapped checkpoint tensors are released as soon as they are copied.
     """
-    sd = {k: v for k, v in as_canonical(state_dict).items() if isinstance(v, torch.Tensor)}
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    pos_param = params.get(POS_KEY)
-    _resample_to_grid(sd, model.arch.grid_size, source, pos_param.dtype if pos_param is not None else None)
-    sd = _check(sd, {k: v.shape for k, v in params.items()}, model.depth, source, strict)
+    sd = check_state_dict(model, state_dict, source=source, strict=strict)
     dtype, device = as_dtype(dtype), torch.device(device if device is not None else 'cpu')
     with torch.no_grad():
         for name, tensor in sd.items():
