@@ -73,6 +73,8 @@ def adapt_to_cpu(cfg: Config) -> None:
     for path, backbone in _half_backbones(cfg.get('model', {})):
         _note(f'No CUDA: {path}.dtype {backbone["dtype"]} -> float32 (plain fp32 on the CPU)')
         backbone['dtype'] = None
+    if _strategy_type(cfg) == 'DeepSpeedStrategy':
+        skip_deepspeed_shm_comm_op()
     if cfg.get('launcher', 'none') != 'none':
         env = cfg.setdefault('env_cfg', {})
         env.setdefault('dist_cfg', {})['backend'] = 'gloo'
@@ -88,6 +90,16 @@ def adapt_to_cpu(cfg: Config) -> None:
         if cfg.get('sync_bn'):
             _note('No CUDA: sync_bn disabled (SyncBatchNorm needs GPUs)')
             cfg.sync_bn = None
+
+
+def skip_deepspeed_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op (C++ JIT, minutes, needs a compiler) when its
+    process group starts; it serves only inference all-reduce, which training never calls. Marked unavailable here,
+    DeepSpeed falls back to torch.distributed (gloo)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    _note('No CUDA: DeepSpeed shared-memory comm op not built (torch.distributed gloo collectives instead)')
 
 
 def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None, launcher: str = 'none',
