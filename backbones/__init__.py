@@ -3,8 +3,9 @@ from .compat import ensure_mmcv_ops
 
 ensure_mmcv_ops()  # before anything imports mmseg: mmcv-lite has no compiled ops
 
-from .internvit import (PRESETS, InternViT, InternViTArch, count_parameters, resample_pos_embed,  # noqa: E402
-                        resolve_arch, vit_forward_flops)
+from .internvit import InternViT, count_parameters  # noqa: E402
+from .pos_embed import resample_pos_embed  # noqa: E402
+from .presets import PRESETS, InternViTArch, resolve_arch, vit_forward_flops  # noqa: E402
 
 
 def _register() -> None:

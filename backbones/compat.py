@@ -27,7 +27,7 @@ Two problems, two small fixes; nothing else belongs in this module.
    a file whose real path lies inside the run's own work dir (a checkpoint this run wrote) is unpickled in full,
    every other file (``load_from``, pretrained weights, downloads) loads with ``weights_only=True`` (for another
    run's MMEngine checkpoint, its message-hub objects become inert stand-ins: see
-   ``backbones.weights.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise. Pretrained weights belong in safetensors or plain
+   ``backbones.reading.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise. Pretrained weights belong in safetensors or plain
    state dicts of tensors, which load under ``weights_only=True``.
 """
 from __future__ import annotations
@@ -218,7 +218,8 @@ def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
         except pickle.UnpicklingError as err:
             # Another run's MMEngine checkpoint (load_from, tools/test.py): its tensors and plain metadata load,
             # its message-hub objects become inert stand-ins; anything else stays refused.
-            from .weights import WeightsError, safe_torch_load
+            from .layouts import WeightsError
+            from .reading import safe_torch_load
             try:
                 checkpoint = safe_torch_load(filename)
             except WeightsError:

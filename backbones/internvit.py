@@ -2,14 +2,14 @@
 
 Parameter names follow the Hugging Face ``InternVisionModel`` layout exactly (``embeddings.*``,
 ``encoder.layers.{i}.*``), so that layout is this model's own state dict and every other layout converts to it
-(see ``backbones/weights.py``).
+(see ``backbones/layouts.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Sequence
+from dataclasses import asdict, replace
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,105 +19,18 @@ from torch.utils.checkpoint import checkpoint
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
-
-@dataclass(frozen=True)
-class InternViTArch:
-    """Shape-defining hyperparameters of an InternViT (everything a checkpoint must agree with)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int = 14
-    img_size: int = 224  # the grid the stored position embedding is for
-    in_chans: int = 3
-    qkv_bias: bool = False
-    norm_type: str = 'rms_norm'  # 'rms_norm' | 'layer_norm'
-    norm_eps: float = 1e-6
-    qk_norm: bool = True  # RMSNorm over the full width of q and k, before splitting heads
-    layer_scale_init: float = 0.1
-
-    def __post_init__(self):
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}')
-        if self.norm_type not in ('rms_norm', 'layer_norm'):
-            raise ValueError(f"norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f'img_size {self.img_size} is not a multiple of patch_size {self.patch_size}')
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-
-PRESETS: dict[str, InternViTArch] = {
-    'internvit_6b_224': InternViTArch(embed_dim=3200, depth=48, num_heads=25, mlp_dim=12800, img_size=224),
-    # V1-2 / V1-5 448px: the same network with the last three blocks removed.
-    'internvit_6b_448': InternViTArch(embed_dim=3200, depth=45, num_heads=25, mlp_dim=12800, img_size=448),
-    'internvit_300m_448': InternViTArch(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, img_size=448,
-                                        qkv_bias=True, norm_type='layer_norm', qk_norm=False),
-    # Small sizes for tests and the CPU quick start.
-    'internvit_tiny': InternViTArch(embed_dim=64, depth=4, num_heads=4, mlp_dim=256, img_size=56),
-    'internvit_tiny_ln': InternViTArch(embed_dim=64, depth=4, num_heads=4, mlp_dim=256, img_size=56,
-                                       qkv_bias=True, norm_type='layer_norm', qk_norm=False),
-}
+from .arch_config import arch_for_weights
+from .dtypes import as_dtype
+from .loading import load_into_model
+from .pos_embed import resample_pos_embed
+from .presets import InternViTArch, resolve_arch
+from .reading import read_weights
 
 ATTN_IMPLS = ('sdpa', 'eager', 'flash_attn')
 
 # Input normalization of every published InternViT (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_arch(preset: str | InternViTArch | None = None, **overrides) -> InternViTArch:
-    """A preset by name (or an arch) with any field overridden; no preset means every shape field is given."""
-    if isinstance(preset, InternViTArch):
-        base = preset
-    elif preset is None:
-        base = None
-    elif preset in PRESETS:
-        base = PRESETS[preset]
-    else:
-        raise KeyError(f'unknown InternViT preset {preset!r}; known presets: {", ".join(PRESETS)}')
-    unknown = sorted(set(overrides) - set(InternViTArch.__dataclass_fields__))
-    if unknown:
-        raise TypeError(f'unknown InternViT argument(s) {", ".join(unknown)}; shape fields are '
-                        f'{", ".join(InternViTArch.__dataclass_fields__)}')
-    if base is None:
-        missing = [f for f in ('embed_dim', 'depth', 'num_heads', 'mlp_dim') if f not in overrides]
-        if missing:
-            raise TypeError(f'InternViT without a preset needs {", ".join(missing)} (or preset=one of '
-                            f'{", ".join(PRESETS)})')
-        return InternViTArch(**overrides)
-    return replace(base, **overrides) if overrides else base
-
-
-def vit_forward_flops(arch: InternViTArch, height: int, width: int, depth: int | None = None) -> float:
-    """FLOPs of one image's forward pass: layers x (2N(4C^2 + 2C*MLP) + 4N^2 C), N tokens with cls."""
-    n = 1 + (height // arch.patch_size) * (width // arch.patch_size)
-    c, m = arch.embed_dim, arch.mlp_dim
-    layers = arch.depth if depth is None else depth
-    return float(layers * (2 * n * (4 * c * c + 2 * c * m) + 4 * n * n * c))
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, grid_hw: Sequence[int]) -> torch.Tensor:
-    """Resize ``[1, 1+S*S, C]`` position embeddings to a ``(h, w)`` grid; the cls entry is kept as it is.
-
-    Bicubic, align_corners=False, computed in float32 (what the published model does at every forward).
-    The same grid returns the input unchanged (bicubic at scale 1 is the identity).
-    """
-    h, w = int(grid_hw[0]), int(grid_hw[1])
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    n, c = patch_pos.shape[1], patch_pos.shape[2]
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f'position embedding has {n} patch entries, which is not a square grid')
-    if (side, side) == (h, w):
-        return pos_embed
-    grid = patch_pos.float().reshape(1, side, side, c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)
-    patch_pos = grid.reshape(1, c, h * w).permute(0, 2, 1).to(pos_embed.dtype)
-    return torch.cat([cls_pos, patch_pos], dim=1)
 
 
 class RMSNorm(nn.Module):
@@ -282,18 +195,6 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(arch, rate, attn_impl) for rate in rates)
 
 
-def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from a name ('bfloat16', 'bf16', 'torch.float32', ...); None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace('torch.', '')
-    aliases = {'bf16': 'bfloat16', 'fp16': 'float16', 'half': 'float16', 'fp32': 'float32', 'float': 'float32'}
-    resolved = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f'unknown dtype {dtype!r}; use bfloat16, float16 or float32')
-    return resolved
-
-
 class InternViT(BaseModule):
     """InternViT backbone.
 
@@ -301,7 +202,7 @@ class InternViT(BaseModule):
         preset: a name from ``PRESETS`` (``internvit_6b_224``, ``internvit_6b_448``, ``internvit_300m_448``, ...)
             or None to give every shape field (``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``) yourself.
         arch_overrides: any ``InternViTArch`` field, e.g. ``depth=45`` or ``img_size=448``.
-        pretrained: a checkpoint path in any layout ``backbones.weights`` reads; loaded at construction
+        pretrained: a checkpoint path in any layout ``backbones.reading.read_weights`` reads; loaded at construction
             (except on the meta device). A file that loads nothing into the model is an error.
         out_indices: layers whose outputs ``forward`` returns (negative counts from the end); None returns
             ``forward_features`` (the final tokens).
@@ -404,8 +305,7 @@ class InternViT(BaseModule):
         """Load a checkpoint in any supported layout, resampling position embeddings to this model's grid.
 
         ``strict``: every tensor of the model must be in the checkpoint, and nothing else (see
-        ``backbones.weights.load_into_model``)."""
-        from .weights import load_into_model, read_weights
+        ``backbones.loading.load_into_model``)."""
         weights = read_weights(path)
         load_into_model(self, weights.state_dict, source=str(path), strict=strict)
         print_log(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)',
@@ -417,7 +317,6 @@ class InternViT(BaseModule):
 
         Keyword arguments go to the constructor (``frozen``, ``dtype``, ``out_indices``, ``img_size`` ...).
         """
-        from .weights import arch_for_weights, load_into_model, read_weights
         weights = read_weights(path)
         arch_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in InternViTArch.__dataclass_fields__}
         arch = arch_for_weights(weights, num_heads=arch_fields.pop('num_heads', None))

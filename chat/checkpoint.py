@@ -10,7 +10,7 @@ A chat checkpoint directory holds::
     model.safetensors.index.json     (or a single model.safetensors below the shard size)
     tokenizer files                  when a tokenizer is saved with the model
 
-The vision tensors are read by ``backbones.weights.read_weights`` (the one reader of InternViT layouts), the
+The vision tensors are read by ``backbones.reading.read_weights`` (the one reader of InternViT layouts), the
 LLM tensors by transformers' ``from_pretrained`` (``language_model.`` prefix mapped away), the projector by this
 module. Every file from outside is read as safetensors or with ``torch.load(weights_only=True)``. Saving writes a temporary directory next to the target and renames it at the
 end, and refuses an existing target unless ``overwrite=True``.
@@ -28,9 +28,13 @@ from mmengine.logging import print_log
 from torch import nn
 
 from backbones import InternViT
-from backbones.internvit import as_dtype as _dtype
-from backbones.weights import (arch_for_weights, atomic_dir, hf_config_from_arch, json_dump, load_into_model,
-                               read_tensors, read_weights, save_safetensors_shards, weight_files as weight_map)
+from backbones.arch_config import arch_for_weights, hf_config_from_arch
+from backbones.atomic import atomic_dir, json_dump
+from backbones.dtypes import as_dtype as _dtype
+from backbones.loading import load_into_model
+from backbones.reading import read_tensors, read_weights
+from backbones.reading import weight_files as weight_map
+from backbones.writing import save_safetensors_shards
 
 from .model import ChatSettings, InternVLChatModel
 from .tokenization import IMAGE_TOKENS, bind_tokenizer, prepare_tokenizer

@@ -17,7 +17,7 @@ from typing import Union
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.fileio import io as fileio_module
 
-from backbones.weights import _umask
+from backbones.atomic import _umask
 
 
 class AtomicLocalBackend(LocalBackend):

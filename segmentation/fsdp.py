@@ -28,7 +28,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (Checkpo
                                                                          checkpoint_wrapper)
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from backbones.internvit import Block, InternViT, as_dtype
+from backbones.dtypes import as_dtype
+from backbones.internvit import Block, InternViT
 from mmengine.logging import print_log
 
 from ._registry import register_everywhere
@@ -50,7 +51,7 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
     Args:
         module: the segmentor.
         block_param_dtype: compute dtype of the blocks (``'bfloat16'``/``'bf16'``, ``'float16'``/``'fp16'``;
-            ``None``/``'float32'`` for fp32), parsed by ``backbones.internvit.as_dtype``.
+            ``None``/``'float32'`` for fp32), parsed by ``backbones.dtypes.as_dtype``.
         device_id: the GPU of this rank (MMEngine passes ``LOCAL_RANK``); without CUDA the CPU is used.
         sharding_strategy, backward_prefetch: FSDP's, by name (``'FULL_SHARD'``, ``'BACKWARD_PRE'``).
         **kwargs: other ``FullyShardedDataParallel`` arguments (``limit_all_gathers``, ``sync_module_states``...).

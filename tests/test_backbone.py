@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones import PRESETS, InternViT, count_parameters, resample_pos_embed, vit_forward_flops
-from backbones.internvit import InternViTArch
+from backbones.presets import InternViTArch
 
 
 def tiny(**kw):
@@ -281,7 +281,7 @@ def test_construction_errors_name_the_argument():
 
 
 def test_pretrained_is_loaded_at_construction_without_random_init(tmp_path, monkeypatch):
-    from backbones.weights import write_hf
+    from backbones.writing import write_hf
     source = tiny().eval()
     write_hf(source.state_dict(), source.arch, tmp_path / 'hf', dtype=torch.float32)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbones.weights import from_canonical, write_hf
+from backbones.layouts import from_canonical
+from backbones.writing import write_hf
 from chat import ChatSettings, build_from_parts, load_chat_model, load_tokenizer, save_chat_model
 from chat.sft import main as sft_main
 from chat.sft import parse_args

@@ -227,7 +227,7 @@ def test_real_resume_needs_and_gets_the_trust_boundary(tmp_path, restore_loaders
         torch.testing.assert_close(checkpoint['state_dict'][key], value)
     assert checkpoint['meta']['iter'] == 4
     buffers = checkpoint['message_hub']['log_scalars'].values()
-    assert buffers and all(type(b).__module__ == 'backbones.weights' for b in buffers)  # never a HistoryBuffer
+    assert buffers and all(type(b).__module__ == 'backbones.reading' for b in buffers)  # never a HistoryBuffer
 
 
 class _Payload:

@@ -18,9 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from backbones.internvit import InternViT
-from backbones.weights import (WeightsError, arch_for_weights, from_canonical, hf_config_from_arch,
-                               load_into_model, read_weights, to_canonical, write_hf, write_hf_native,
-                               write_into_chat)
+from backbones.arch_config import arch_for_weights, hf_config_from_arch
+from backbones.layouts import WeightsError, from_canonical, to_canonical
+from backbones.loading import load_into_model
+from backbones.reading import read_weights
+from backbones.writing import write_hf, write_hf_native, write_into_chat
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'export_to_chat.py'
@@ -361,7 +363,7 @@ def make_chat(path: Path, model: InternViT, image_size=112, native=False) -> Pat
     grid = image_size // model.arch.patch_size
     vision_sd['embeddings.position_embedding'] = torch.randn(1, 1 + grid * grid, model.arch.embed_dim)
     if native:
-        from backbones.weights import native_config_from_arch
+        from backbones.arch_config import native_config_from_arch
         vision = from_canonical(vision_sd, 'native', 'model.vision_tower.')
         config = {'architectures': ['InternVLForConditionalGeneration'], 'model_type': 'internvl',
                   'vision_config': native_config_from_arch(model.arch, image_size), 'text_config': {}}
@@ -400,7 +402,7 @@ def check_chat_copy(chat: Path, out: Path, source_sd, image_size=112, prefix='vi
     expected_sd = dict(source_sd)
     grid = image_size // 14
     pos = expected_sd['embeddings.position_embedding']
-    from backbones.internvit import resample_pos_embed
+    from backbones.pos_embed import resample_pos_embed
     expected_sd['embeddings.position_embedding'] = resample_pos_embed(pos.float(), (grid, grid))
     expected = from_canonical(expected_sd, layout, prefix)
     for shard in ('model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors'):

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backbones import PRESETS, InternViT, vit_forward_flops  # noqa: E402
-from backbones.internvit import ATTN_IMPLS, as_dtype  # noqa: E402
+from backbones.dtypes import as_dtype  # noqa: E402
+from backbones.internvit import ATTN_IMPLS  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -70,7 +70,7 @@ def chat_loop(args: argparse.Namespace) -> None:
 def tiny_quickstart(work_dir: str, steps: int) -> dict:
     """Tiny random backbone and LLM, the backbone written as an HF directory (what tools/export_to_chat.py
     writes), a synthetic coloured-squares SFT set, a short SFT from parts, then chat() on each image."""
-    from backbones.weights import write_hf
+    from backbones.writing import write_hf
     from chat import load_chat_model, load_image, load_tokenizer
     from chat.sft import main as sft_main
     from chat.tiny import COLOURS, build_tiny_parts, write_colour_dataset, write_tiny_llm

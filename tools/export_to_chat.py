@@ -4,7 +4,7 @@
     python tools/export_to_chat.py SRC OUT [--image-size 448] [--dtype bfloat16] [--num-heads N]
     python tools/export_to_chat.py SRC OUT --into-chat CHAT_DIR [--verify] [--overwrite]
 
-SRC: any layout ``backbones.weights`` reads: an HF or chat directory, the original ``.pth``, an MMEngine
+SRC: any layout ``backbones.reading`` reads: an HF or chat directory, the original ``.pth``, an MMEngine
 segmentation/classification checkpoint (``backbone.`` prefix), transformers' native layout, safetensors files.
 
 OUT: without ``--into-chat``, an HF ``InternVisionModel`` directory (config.json + safetensors) whose position
@@ -31,9 +31,13 @@ if importlib.util.find_spec('backbones') is None:  # run from a checkout without
 
 import torch  # noqa: E402
 
-from backbones.internvit import InternViT, as_dtype  # noqa: E402
-from backbones.weights import (WeightsError, arch_for_weights, load_into_model, read_weights,  # noqa: E402
-                               vision_config_of, write_hf, write_into_chat)
+from backbones.arch_config import arch_for_weights, vision_config_of  # noqa: E402
+from backbones.dtypes import as_dtype  # noqa: E402
+from backbones.internvit import InternViT  # noqa: E402
+from backbones.layouts import WeightsError  # noqa: E402
+from backbones.loading import load_into_model  # noqa: E402
+from backbones.reading import read_weights  # noqa: E402
+from backbones.writing import write_hf, write_into_chat  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
 
 Evaluation never unpickles a checkpoint in full: it loads with ``torch.load(weights_only=True)``, and an MMEngine
 checkpoint (from this or any run) gives its tensors and plain metadata while its message-hub objects become inert
-stand-ins (``backbones.weights.safe_torch_load``); a file holding any other object is refused.
+stand-ins (``backbones.reading.safe_torch_load``); a file holding any other object is refused.
 """
 import argparse
 import os

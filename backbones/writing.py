@@ -1,0 +1,246 @@
+"""Writing InternViT weights: HF ``InternVisionModel`` and native directories, and a chat checkpoint with new vision tensors."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from mmengine.logging import print_log
+
+from .arch_config import _square, hf_config_from_arch, native_config_from_arch, vision_config_of
+from .atomic import _refuse_existing, _umask, atomic_dir, json_dump
+from .dtypes import as_dtype
+from .internvit import InternViT
+from .layouts import (WeightsError, _canonical_names, _detect_or_none, _few, _layer_indices, _natural_key, _plan,
+                      from_canonical, to_canonical)
+from .loading import _check, _resample_to_grid
+from .presets import InternViTArch
+from .reading import _checkpoint_error, _read_config, _safetensors_error, _tensor_specs, safe_torch_load, weight_files
+
+__all__ = ['write_hf', 'write_hf_native', 'write_into_chat', 'save_safetensors_shards']
+
+def _expected_shapes(arch: InternViTArch) -> dict[str, torch.Size]:
+    with torch.device('meta'):
+        model = InternViT(arch)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _as_torch_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return as_dtype(dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace('torch.', '')
+
+
+def _prepare_export(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, image_size: int | None,
+                    source: str) -> tuple[dict[str, torch.Tensor], InternViTArch]:
+    if _detect_or_none(state_dict) not in (None, ('', 'hf')):
+        state_dict, _ = to_canonical(state_dict)
+    target = replace(arch, img_size=int(image_size or arch.img_size))
+    sd = dict(state_dict)
+    _resample_to_grid(sd, target.grid_size, source)
+    sd = _check(sd, _expected_shapes(target), target.depth, source, strict=True)
+    return sd, target
+
+
+def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int,
+                      metadata: dict | None = None) -> list[str]:
+    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the size."""
+    from safetensors.torch import save_file
+    names = sorted(tensors, key=_natural_key)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    metadata = metadata or {'format': 'pt'}
+    if len(shards) == 1:
+        files = ['model.safetensors']
+    else:
+        files = [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(files, shards):
+        # Each file under a temporary name first, so a directory written in place never holds half a file.
+        tmp = out / f'.{file}.tmp'
+        save_file({n: tensors[n].contiguous().clone() for n in shard}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out / file)
+        weight_map.update({n: file for n in shard})
+        print_log(f'wrote {out.name}/{file} ({len(shard)} tensors)', logger='current')
+    index = out / 'model.safetensors.index.json'
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        json_dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, index)
+        files.append(index.name)
+    elif index.exists():
+        index.unlink()  # a stale index from an earlier sharded save would point at the wrong files
+    return files
+
+
+def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_dir: str | os.PathLike, *,
+             image_size: int | None = None, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2 ** 30,
+             overwrite: bool = False) -> Path:
+    """Write an HF ``InternVisionModel`` directory (config.json + safetensors), loadable by the published code.
+
+    The position embedding is resampled to ``image_size`` (default: the arch's) and config.json says so.
+    Written into a temporary directory beside ``out_dir`` and renamed at the end; an existing ``out_dir`` is
+    refused unless ``overwrite``, and then replaced only once the new one is complete.
+    """
+    out = Path(out_dir)
+    _refuse_existing(out.expanduser().absolute(), overwrite)
+    dtype = _as_torch_dtype(dtype)
+    sd, target = _prepare_export(state_dict, arch, image_size, str(out))
+    config = hf_config_from_arch(target)
+    tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in sd.items()}
+    config['torch_dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
+    with atomic_dir(out, overwrite) as tmp:
+        json_dump(config, tmp / 'config.json')
+        save_safetensors_shards(tensors, tmp, max_shard_bytes)
+    print_log(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
+              f'{config["torch_dtype"]})', logger='current')
+    return out
+
+
+def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_dir: str | os.PathLike, *,
+                    image_size: int | None = None, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2 ** 30,
+                    overwrite: bool = False) -> Path:
+    """Write the vision tower in transformers' native layout (``InternVLVisionModel.from_pretrained(out_dir)``).
+
+    Same atomicity rules as ``write_hf``. transformers' q/k norms use eps 1e-6 whatever the config says, so an
+    arch with qk-norm and another eps is refused rather than written wrong.
+    """
+    if arch.qk_norm and arch.norm_eps != 1e-6:
+        raise WeightsError(f"transformers' InternVLVisionModel fixes the q/k-norm eps at 1e-6; this arch has "
+                           f'{arch.norm_eps}')
+    out = Path(out_dir)
+    _refuse_existing(out.expanduser().absolute(), overwrite)
+    dtype = _as_torch_dtype(dtype)
+    sd, target = _prepare_export(state_dict, arch, image_size, str(out))
+    tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in from_canonical(sd, 'native').items()}
+    config = native_config_from_arch(target)
+    config['dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
+    with atomic_dir(out, overwrite) as tmp:
+        json_dump(config, tmp / 'config.json')
+        save_safetensors_shards(tensors, tmp, max_shard_bytes)
+    print_log(f'wrote native InternVLVisionModel directory {out}', logger='current')
+    return out
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    try:
+        path.relative_to(other)
+        return True
+    except ValueError:
+        return False
+
+
+def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.PathLike,
+                    out_dir: str | os.PathLike, *, overwrite: bool = False, source: str = 'source') -> Path:
+    """A new directory ``out_dir``: a copy of the chat checkpoint with its vision tensors replaced.
+
+    Each replaced tensor keeps the chat checkpoint's name, shape (checked) and dtype; the position embedding is
+    resampled to the chat's vision image size. Weight files without vision tensors and all other files are
+    copied byte for byte; files with vision tensors are rewritten with their other tensors unchanged. The chat
+    directory itself is never written.
+    """
+    chat = Path(chat_dir).expanduser().absolute()
+    out = Path(out_dir).expanduser().absolute()
+    if not chat.is_dir():
+        raise FileNotFoundError(f'chat checkpoint directory {chat_dir} does not exist')
+    if out.resolve() == chat.resolve() or _is_within(out.resolve(), chat.resolve()) or \
+            _is_within(chat.resolve(), out.resolve()):
+        raise WeightsError(f'refusing to write {out} over or inside the chat checkpoint {chat}: '
+                           'the export is never made in place; choose another output directory')
+    _refuse_existing(out, overwrite)
+    config = _read_config(chat)
+    vision = vision_config_of(config)
+    if vision is None or 'vision_config' not in (config or {}):
+        raise WeightsError(f'{chat} is not an InternVL-Chat checkpoint: its config.json has no vision_config')
+    files = weight_files(chat)
+    try:
+        prefix, layout, selected, _ = _plan(files)
+    except WeightsError as err:
+        raise _checkpoint_error(chat, err) from None
+    grid = _square(vision['image_size'], 'image_size') // _square(vision['patch_size'], 'patch_size')
+
+    sd = dict(state_dict)
+    if _detect_or_none(sd) not in (None, ('', 'hf')):
+        sd, _ = to_canonical(sd)
+    _resample_to_grid(sd, grid, source)
+    new = from_canonical(sd, layout, prefix)
+    specs = _tensor_specs(files, selected)
+    missing = [k for k in specs if k not in new]
+    extra = [k for k in new if k not in specs]
+    if missing or extra:
+        problems = []
+        chat_layers = len(_layer_indices(_canonical_names(specs, layout, prefix)))
+        if chat_layers != len(_layer_indices(sd)):
+            problems.append(f'the chat vision model has {chat_layers} layers, the source {len(_layer_indices(sd))}')
+        if missing:
+            problems.append(f'the chat checkpoint has {len(missing)} vision tensors the source lacks: '
+                            f'{_few(missing)}')
+        if extra:
+            problems.append(f'the source has {len(extra)} tensors the chat vision model lacks: {_few(extra)}')
+        raise WeightsError(f'{source} does not fit {chat}: ' + '; '.join(problems))
+    mismatched = [f'{k}: source {tuple(new[k].shape)} vs chat {specs[k][0]}' for k in specs
+                  if tuple(new[k].shape) != specs[k][0]]
+    if mismatched:
+        raise WeightsError(f'{source} does not fit {chat}: shape mismatch in {len(mismatched)} tensors: '
+                           + '; '.join(mismatched[:5]) + (f'; and {len(mismatched) - 5} more'
+                                                         if len(mismatched) > 5 else ''))
+    touched = {files[k] for k in specs}
+    with atomic_dir(out, overwrite) as tmp:
+        for item in _walk_files(chat):
+            rel = item.relative_to(chat)
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if item in touched:
+                _rewrite_weight_file(item, target, {k: new[k].to(specs[k][1]) for k in specs if files[k] == item})
+                shutil.copymode(item, target)
+                print_log(f'rewrote {rel} (vision tensors replaced)', logger='current')
+            else:
+                shutil.copyfile(item, target)  # follows symlinks (HF cache snapshots): a real copy
+                shutil.copystat(item, target)
+        print_log(f'copied {chat} with {len(specs)} vision tensors replaced in {len(touched)} weight file(s)',
+                  logger='current')
+    return out
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under root, following symlinked directories (HF cache snapshots are symlinks)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames))
+    return found
+
+
+def _rewrite_weight_file(src: Path, dst: Path, replacements: Mapping[str, torch.Tensor]) -> None:
+    if src.suffix == '.safetensors':
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        try:
+            with safe_open(str(src), framework='pt') as f:
+                metadata = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:
+            raise _safetensors_error(src, err) from None
+        tensors.update({k: v.contiguous() for k, v in replacements.items()})
+        save_file(tensors, str(dst), metadata=metadata)
+    else:
+        obj = safe_torch_load(src)
+        if not isinstance(obj, dict) or not all(k in obj for k in replacements):
+            raise WeightsError(f'cannot rewrite {src}: it is not a flat state dict')
+        obj = dict(obj)
+        obj.update({k: v.contiguous().clone() for k, v in replacements.items()})
+        torch.save(obj, dst)
