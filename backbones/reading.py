@@ -172,10 +172,12 @@ def _backbone_keys(keys: Iterable[str], path: Path, what: str = 'backbone') -> l
 
 
 def _read_file(path: Path) -> Weights:
+    checkpoint = None
     if path.suffix == '.safetensors':
         tensors = _safetensors_read(path, _backbone_keys(_safetensors_keys(path), path))
     else:
-        everything, trail = _unwrap(safe_torch_load(path), path)
+        checkpoint = safe_torch_load(path)
+        everything, trail = _unwrap(checkpoint, path)
         if trail:
             print_log(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}", logger='current')
         try:
@@ -184,7 +186,22 @@ def _read_file(path: Path) -> Weights:
             hint = _probe_checkpoint_hint(everything)
             raise (WeightsError(f'{err}. {hint}') if hint else err) from None
     sd, layout = to_canonical(tensors)
-    return Weights(sd, None, layout, str(path))
+    return Weights(sd, _run_config_heads(checkpoint, path), layout, str(path))
+
+
+def _run_config_heads(checkpoint: Any, path: Path) -> dict | None:
+    """``{'num_attention_heads': N}`` from the run config an MMEngine checkpoint stores (``meta.cfg``), the one
+    shape field its tensors cannot tell; None when there is none."""
+    from .run_config import arch_from_backbone_config, backbone_config_from_text
+    meta = checkpoint.get('meta') if isinstance(checkpoint, Mapping) else None
+    text = meta.get('cfg') if isinstance(meta, Mapping) else None
+    backbone = backbone_config_from_text(text) if isinstance(text, str) else None
+    arch = arch_from_backbone_config(backbone) if backbone else None
+    if arch is None:
+        return None
+    print_log(f"{path}: {arch.num_heads} attention heads, from the run's config stored in the checkpoint "
+              f"(meta.cfg: InternViT preset {backbone.get('preset')!r})", logger='current')
+    return {'num_attention_heads': arch.num_heads}
 
 
 def _probe_checkpoint_hint(state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -16,7 +16,7 @@ from test_segmentation_distributed import (ROOT, free_port, reference_run, save_
 from mmengine.config import Config  # noqa: E402
 
 from backbones import InternViT  # noqa: E402
-from backbones.weights import safe_torch_load  # noqa: E402
+from backbones.reading import safe_torch_load  # noqa: E402
 from segmentation.testing import as_cli, make_tiny_dataset, tiny_run_options  # noqa: E402
 
 DEEPSPEED = '''
@@ -79,7 +79,7 @@ def test_deepspeed_zero3_two_processes_train_resume_export(tmp_path):
 
     out = tmp_path / 'export'
     proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_to_chat.py'), str(work / 'weights_iter_3.pth'),
-                           str(out), '--image-size', '56', '--dtype', 'float32', '--verify', '--num-heads', '4'],
+                           str(out), '--image-size', '56', '--dtype', 'float32', '--verify'],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
