@@ -18,5 +18,9 @@ def _register() -> None:
 
 _register()
 
+from .timm_models import register_timm_models  # noqa: E402
+
+register_timm_models()  # timm.create_model('internvit_6b_224') etc.
+
 __all__ = ['InternViT', 'InternViTArch', 'PRESETS', 'resolve_arch', 'resample_pos_embed', 'vit_forward_flops',
            'count_parameters']

@@ -284,10 +284,10 @@ def _read_dir(directory: Path) -> Weights:
 
 
 def read_weights(path: str | os.PathLike) -> Weights:
-    """Read InternViT weights in any supported layout from a file or an HF/chat directory (canonical names)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    """Read InternViT weights in any supported layout from a file, an HF/chat directory or a hub id (canonical
+    names)."""
+    from .hub import local_path
+    p = local_path(path)  # a hub id ('OpenGVLab/InternViT-6B-224px') becomes its cached snapshot
     return _read_dir(p) if p.is_dir() else _read_file(p)
 
 

@@ -93,3 +93,92 @@ def test_run_config_text_is_parsed_never_executed(tmp_path):
     assert (arch.depth, arch.num_heads, arch.embed_dim) == (48, 25, 3200)
     assert backbone_config_from_text('model = dict(type="EncoderDecoder")') is None
     assert backbone_config_from_text('not python (') is None
+
+
+# --------------------------------------------------------------------------------------------- timm
+def test_timm_create_model_returns_the_project_backbone():
+    import timm
+    import backbones  # noqa: F401  (registers the presets)
+    assert {'internvit_6b_224', 'internvit_6b_448', 'internvit_300m_448'} <= set(timm.list_models('internvit*'))
+    with torch.device('meta'):
+        model = timm.create_model('internvit_6b_224')
+        model_448 = timm.create_model('internvit_6b_448', depth=48, img_size=504)
+    assert type(model) is InternViT and sum(p.numel() for p in model.parameters()) == 5_902_793_600
+    assert (model_448.arch.depth, model_448.arch.img_size, model_448.arch.num_heads) == (48, 504, 25)
+    tiny = timm.create_model('internvit_tiny', img_size=112, out_indices=[1, 3])
+    assert tiny.forward_features(torch.zeros(1, 3, 112, 112)).shape == (1, 65, 64)
+    with pytest.raises(ValueError, match='internvit_tiny: InternViT has no classifier head'):
+        timm.create_model('internvit_tiny', num_classes=10)
+
+
+def test_timm_vit_intern300m_state_dict_loads_into_internvit_300m(tmp_path):
+    """timm's own VisionTransformer class for vit_intern300m_patch14_448 (2 of its 24 blocks, random weights, no
+    download): its state dict loads strictly into internvit_300m_448 and computes timm's features."""
+    import timm
+    theirs = timm.create_model('vit_intern300m_patch14_448', pretrained=False, depth=2, img_size=224).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():  # layer scales and biases away from their init values
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+    torch.save(theirs.state_dict(), tmp_path / 'timm_intern300m.pth')
+    ours = timm.create_model('internvit_300m_448', pretrained=str(tmp_path / 'timm_intern300m.pth'), depth=2,
+                             img_size=224).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- hub ids
+def fake_hub_cache(cache, repo_id, write):
+    """huggingface_hub's cache layout for one repo at one commit: models--OWNER--NAME/{refs/main,snapshots/SHA/}."""
+    sha = '0123456789abcdef0123456789abcdef01234567'
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(sha)
+    write(repo / 'snapshots' / sha)
+    return repo / 'snapshots' / sha
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    cache = tmp_path / 'hf_cache'
+    cache.mkdir()
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    return cache
+
+
+def test_hub_ids_resolve_through_the_cache_offline(offline_hub):
+    import timm
+    from backbones.arch_config import hf_config_from_arch  # noqa: F401
+    from backbones.writing import write_hf
+    model = randomized('internvit_tiny', seed=5)
+    fake_hub_cache(offline_hub, 'OpenGVLab/InternViT-tiny-test',
+                   lambda d: write_hf(model.state_dict(), model.arch, d, image_size=56, dtype=torch.float32))
+    x = torch.randn(1, 3, 56, 56)
+    expected = model.forward_features(x)
+    for loaded in (InternViT.from_pretrained('OpenGVLab/InternViT-tiny-test'),  # from_pretrained
+                   InternViT('internvit_tiny', pretrained='OpenGVLab/InternViT-tiny-test'),  # configs' pretrained=
+                   timm.create_model('internvit_tiny', pretrained='OpenGVLab/InternViT-tiny-test')):
+        torch.testing.assert_close(loaded.eval().forward_features(x), expected, rtol=0, atol=1e-6)
+
+
+def test_missing_hub_id_names_the_download_command(offline_hub, tmp_path, monkeypatch):
+    from chat import load_chat_model
+    with pytest.raises(FileNotFoundError, match=r'checkpoint OpenGVLab/InternViT-6B-448px-V1-5 is not a local path.*'
+                                                r'HF_HUB_OFFLINE is set.*hf download OpenGVLab/InternViT-6B-448px-V1-5'):
+        InternViT.from_pretrained('OpenGVLab/InternViT-6B-448px-V1-5')
+    with pytest.raises(FileNotFoundError, match=r'chat checkpoint directory OpenGVLab/InternVL-Chat-V1-5 is not a '
+                                                r'local path.*hf download OpenGVLab/InternVL-Chat-V1-5'):
+        load_chat_model('OpenGVLab/InternVL-Chat-V1-5')
+    with pytest.raises(FileNotFoundError, match=r'hf download OpenGVLab/InternViT-300M-448px --revision v1'):
+        InternViT('internvit_tiny', pretrained='OpenGVLab/InternViT-300M-448px@v1')
+    # a local path that exists wins over a hub id of the same spelling; one that does not is still named as a path
+    monkeypatch.chdir(tmp_path)
+    model = randomized('internvit_tiny')
+    from backbones.writing import write_hf
+    write_hf(model.state_dict(), model.arch, tmp_path / 'local' / 'vit', image_size=56)
+    assert InternViT.from_pretrained('local/vit').depth == 4
+    with pytest.raises(FileNotFoundError, match=r'^checkpoint ./missing.pth does not exist$'):
+        InternViT.from_pretrained('./missing.pth')
