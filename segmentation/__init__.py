@@ -24,6 +24,9 @@ from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_laye
 from .neck import ViTFeaturePyramid  # noqa: E402
 
 install_atomic_local_backend()
+# Checkpoints read outside tools/train.py (mmseg.apis.init_model, MMSegInferencer, tools/image_demo.py) load weights
+# only; a training entry point later trusts its own work dir for resuming (backbones.compat.trust_checkpoints_in).
+backbones.compat.trust_checkpoints_in(None)
 
 __all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
            'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',

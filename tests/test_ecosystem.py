@@ -182,3 +182,73 @@ def test_missing_hub_id_names_the_download_command(offline_hub, tmp_path, monkey
     assert InternViT.from_pretrained('local/vit').depth == 4
     with pytest.raises(FileNotFoundError, match=r'^checkpoint ./missing.pth does not exist$'):
         InternViT.from_pretrained('./missing.pth')
+
+
+# --------------------------------------------------------------------------------------------- mmseg inference
+@pytest.fixture(scope='module')
+def seg_checkpoint(tmp_path_factory):
+    """A tiny data set and a random-weight checkpoint of the quick-start segmentor (as a run would save it)."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+
+    from segmentation.testing import QUICKSTART_CONFIG, make_tiny_dataset
+    root = tmp_path_factory.mktemp('seg_api')
+    data_root = make_tiny_dataset(str(root / 'synth'), num_train=1, num_val=2, size=112)
+    cfg = Config.fromfile(QUICKSTART_CONFIG)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
+    model.init_weights()
+    checkpoint = root / 'iter_1.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {
+        'classes': ['sky', 'grass', 'water', 'sand', 'brick'], 'palette': [[0, 0, 255], [0, 255, 0], [255, 0, 0],
+                                                                         [255, 255, 0], [128, 64, 0]]}}}, checkpoint)
+    images = sorted(str(p) for p in Path(data_root, 'images', 'validation').glob('*.jpg'))
+    return QUICKSTART_CONFIG, str(checkpoint), data_root, images
+
+
+def test_mmseg_init_model_inference_model_inferencer_and_image_demo(seg_checkpoint, tmp_path):
+    import mmcv
+    from mmseg.apis import MMSegInferencer, inference_model, init_model
+    config, checkpoint, _, images = seg_checkpoint
+    model = init_model(config, checkpoint, device='cpu')
+    result = inference_model(model, images[0])
+    labels = result.pred_sem_seg.data[0].numpy()
+    height, width = mmcv.imread(images[0]).shape[:2]
+    assert labels.shape == (height, width)
+    inferencer = MMSegInferencer(model=config, weights=checkpoint, device='cpu')
+    assert (inferencer(images[0], return_datasamples=True).pred_sem_seg.data[0].numpy() == labels).all()
+
+    out = tmp_path / 'demo'
+    load_tool('image_demo').main([config, checkpoint, *images, '--out', str(out), '--opacity', '0.6'])
+    name = Path(images[0]).stem
+    assert (mmcv.imread(str(out / f'{name}_labels.png'), flag='unchanged') == labels).all()
+    overlay = mmcv.imread(str(out / f'{name}.png'))
+    assert overlay.shape == (height, width, 3) and not (overlay == mmcv.imread(images[0])).all()
+    with pytest.raises(FileExistsError, match=f'{name}.png exists'):
+        load_tool('image_demo').main([config, checkpoint, images[0], '--out', str(out)])
+
+
+def test_test_py_tta_and_out(seg_checkpoint, tmp_path, monkeypatch):
+    """--tta runs every image through 6 scales x 2 flips (12 predictions merged by SegTTAModel); --out writes the
+    label maps."""
+    import mmcv
+    from mmseg.models import EncoderDecoder
+    config, checkpoint, data_root, images = seg_checkpoint
+    calls = []
+    predict = EncoderDecoder.predict
+    monkeypatch.setattr(EncoderDecoder, 'predict', lambda self, inputs, samples=None: (
+        calls.append(len(inputs)), predict(self, inputs, samples))[1])
+    options = ['--cfg-options', f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.num_workers=0',
+               'test_dataloader.persistent_workers=False']
+    tool = load_tool('test')
+    metrics = tool.main([config, checkpoint, '--work-dir', str(tmp_path / 'plain'), '--out', str(tmp_path / 'out'),
+                         *options])
+    assert sum(calls) == len(images) and 'mIoU' in metrics
+    for image in images:
+        labels = mmcv.imread(str(tmp_path / 'out' / f'{Path(image).stem}.png'), flag='unchanged')
+        assert labels.shape == mmcv.imread(image).shape[:2]
+    calls.clear()
+    metrics = tool.main([config, checkpoint, '--work-dir', str(tmp_path / 'tta'), '--tta', *options])
+    assert sum(calls) == 12 * len(images) and 'mIoU' in metrics
