@@ -8,6 +8,7 @@ them up without scope):
 - ``InternViTLayerDecayOptimizerConstructor``: layer-wise lr decay over InternViT's parameter names;
 - ``CheckedADE20KDataset`` (with few-shot ``fraction``), ``SyntheticADE20KDataset``, ``LoadAndCheckAnnotations``;
 - ``InternViTBlockFSDP`` (model wrapper): FSDP with one shard unit per InternViT block, blocks in bf16;
+- ``IoUTableMetric``: mmseg's IoUMetric + the per-class table as CSV/JSON next to the log;
 - hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``;
 
 and makes MMEngine's local checkpoint writes atomic (``segmentation.atomic_io``).
@@ -20,6 +21,7 @@ from .datasets import (CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticA
 from .fsdp import InternViTBlockFSDP  # noqa: E402
 from .heads import LinearBNHead  # noqa: E402
 from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
+from .metrics import IoUTableMetric  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
 
@@ -30,4 +32,4 @@ backbones.compat.trust_checkpoints_in(None)
 
 __all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
            'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',
-           'InternViTBlockFSDP', 'SegOverlayHook', 'RankConsistencyHook']
+           'InternViTBlockFSDP', 'SegOverlayHook', 'RankConsistencyHook', 'IoUTableMetric']

@@ -115,9 +115,27 @@ def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None
     if resume is not None:
         cfg.resume = True
         cfg.load_from = None if resume == 'auto' else resume
+    tie_schedule_to_max_iters(cfg)
     if not torch.cuda.is_available():
         adapt_to_cpu(cfg)
     return cfg
+
+
+def tie_schedule_to_max_iters(cfg: Config) -> None:
+    """Schedulers that end at the config's own ``max_iters`` follow ``train_cfg.max_iters`` when it is changed (e.g.
+    ``--cfg-options train_cfg.max_iters=1000``): the schedule still ends with the training."""
+    planned, actual = cfg.get('max_iters'), (cfg.get('train_cfg') or {}).get('max_iters')
+    if not isinstance(planned, int) or not isinstance(actual, int) or planned == actual:
+        return
+    schedulers = cfg.get('param_scheduler') or []
+    for scheduler in schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]:
+        if isinstance(scheduler, dict) and not scheduler.get('by_epoch', True) and scheduler.get('end') == planned:
+            if scheduler.get('begin', 0) >= actual:
+                raise ValueError(f"train_cfg.max_iters={actual} ends before {scheduler.get('type')} begins (iteration "
+                                 f"{scheduler.get('begin')}); shorten the warm-up too, e.g. --cfg-options "
+                                 f"param_scheduler.0.end=N param_scheduler.1.begin=N")
+            scheduler['end'] = actual
+            _note(f"{scheduler.get('type')}: end {planned} -> {actual} (follows train_cfg.max_iters)")
 
 
 def init_distributed_without_cuda(launcher: str) -> None:

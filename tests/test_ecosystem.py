@@ -252,3 +252,63 @@ def test_test_py_tta_and_out(seg_checkpoint, tmp_path, monkeypatch):
     calls.clear()
     metrics = tool.main([config, checkpoint, '--work-dir', str(tmp_path / 'tta'), '--tta', *options])
     assert sum(calls) == 12 * len(images) and 'mIoU' in metrics
+
+
+# --------------------------------------------------------------------------------------------- results to look at
+def test_tiny_run_writes_per_class_tables_best_checkpoint_curves_and_ties_the_schedule(tmp_path):
+    """tools/train.py, 4 iterations with validation at 2 and 4: per-class CSV/JSON next to the log, the best
+    checkpoint kept (save_best), the quick start's PolyLR ending at the changed max_iters, tools/plot_logs.py."""
+    import csv
+    import os
+    import subprocess
+
+    import mmcv
+
+    from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
+    data_root = make_tiny_dataset(str(tmp_path / 'synth'), num_train=4, num_val=2, size=112)
+    work = tmp_path / 'run'
+    options = as_cli(tiny_run_options(data_root, 4, batch_size=2, **{'train_cfg.val_interval': 2, 'param_scheduler.0.end': 2,
+                                                                    'param_scheduler.1.begin': 2}))
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), QUICKSTART_CONFIG, '--work-dir',
+                           str(work), '--cfg-options', *options], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore'), timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert 'PolyLR: end 300 -> 4 (follows train_cfg.max_iters)' in log
+    dumped = (work / 'quickstart_tiny_upernet_synthetic.py').read_text()
+    assert re.search(r"type='PolyLR'\)", dumped) and re.search(r'end=4,\s*eta_min', dumped)
+    assert list(work.glob('best_mIoU_iter_*.pth'))
+
+    run_dir = next(p for p in work.iterdir() if p.is_dir() and (p / 'vis_data').is_dir())
+    with open(run_dir / 'per_class_results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['class'] for r in rows] == ['sky', 'grass', 'water', 'sand', 'brick'] and set(rows[0]) == {
+        'class', 'IoU', 'Acc'}
+    record = json.loads((run_dir / 'per_class_results.json').read_text())
+    assert record['iter'] == 4 and [r['class'] for r in record['per_class']] == [r['class'] for r in rows]
+    logged_miou = float(re.findall(r'Iter\(val\) \[\d+/\d+\]\s+aAcc: \S+\s+mIoU: (\S+)', log)[-1])
+    ious = [float(r['IoU']) for r in rows if r['IoU'] != 'nan']
+    assert record['metrics']['mIoU'] == pytest.approx(logged_miou) == pytest.approx(sum(ious) / len(ious), abs=0.01)
+
+    out = load_tool('plot_logs').main([str(work), '--out', str(tmp_path / 'curves.png')])
+    image = mmcv.imread(out)
+    assert image.shape[0] > 400 and image.shape[2] == 3 and image.std() > 1
+    with pytest.raises(KeyError, match=r'has no accuracy_top1; it has: .*loss'):
+        load_tool('plot_logs').main([str(work), '--keys', 'accuracy_top1'])
+
+
+def test_tensorboard_switch_writes_event_files(tmp_path):
+    """The documented switch: TensorboardVisBackend beside LocalVisBackend (optional extra `tensorboard`)."""
+    pytest.importorskip('tensorboard')
+    from mmengine.config import Config
+    from mmseg.registry import VISUALIZERS
+
+    from segmentation.testing import QUICKSTART_CONFIG
+    config = tmp_path / 'tb.py'
+    config.write_text(f"_base_ = [{QUICKSTART_CONFIG!r}]\nvisualizer = dict(vis_backends=[dict(type='LocalVisBackend'), "
+                      f"dict(type='TensorboardVisBackend')])\n")
+    cfg = Config.fromfile(str(config))
+    visualizer = VISUALIZERS.build(dict(cfg.visualizer, name='tb_test', save_dir=str(tmp_path / 'vis')))
+    visualizer.add_scalars({'loss': 1.5}, step=1)
+    visualizer.close()
+    assert list((tmp_path / 'vis').rglob('events.out.tfevents.*')) and (tmp_path / 'vis' / 'vis_data' / 'scalars.json').is_file()

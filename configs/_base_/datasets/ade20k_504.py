@@ -43,5 +43,5 @@ tta_pipeline = [
         [dict(type='LoadAndCheckAnnotations')],
         [dict(type='PackSegInputs')]])
 ]
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])  # prints aAcc, mIoU, mAcc and the per-class table
+val_evaluator = dict(type='IoUTableMetric', iou_metrics=['mIoU'])  # prints aAcc, mIoU, mAcc and the per-class table
 test_evaluator = val_evaluator

@@ -42,5 +42,5 @@ tta_pipeline = [
         [dict(type='LoadAndCheckAnnotations')],
         [dict(type='PackSegInputs')]])
 ]
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+val_evaluator = dict(type='IoUTableMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
