@@ -1,29 +1,35 @@
-"""Supervised fine-tuning data: LLaVA-style JSON/JSONL records -> token ids, masked labels and image tiles.
+"""Supervised fine-tuning data: LLaVA-style JSONL records -> token ids, masked labels and image tiles.
 
 A record::
 
-    {"id": "0001", "image": "images/0001.jpg",            # or a list of paths, or absent for text only
+    {"id": "0001", "image": "images/0001.jpg",            # or a list of paths, or absent / "" for text only
      "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
                        {"from": "gpt", "value": "A red square."}, ...]}
 
-Roles: ``human``/``user``, ``gpt``/``assistant``, and an optional leading ``system`` turn (replaces the template's
-system message). Turns alternate, starting with the user, and end with an answer. Each ``<image>`` stands for one
-image, in order; a record with images but no ``<image>`` gets them in front of its first question. Image paths
-are relative to ``image_root`` (default: the data file's folder).
+Data come as the published meta file (``--meta_path``, ``load_meta_file``): a JSON object of datasets, each with
+``root`` (image folder), ``annotation`` (a .jsonl file), ``data_augment``, ``repeat_time`` (2: every record twice;
+0.5: the first half of the file) and ``length``, optionally ``max_dynamic_patch``; or as the project's simple
+form, ``--data FILE.jsonl [--image_root DIR]`` (default root: the file's folder).
 
-Labels: every token is masked (-100) except the assistant answers and the turn-closing text after them (see
-``chat.conversation``), so the loss is on what the model should say and on ending its turn.
+Tokenization (``encode_conversation``): the whole rendered conversation is tokenized once and the labels are set
+by position, giving the ``input_ids`` and labels of the published ``preprocess_*`` functions (see
+``chat.conversation`` for what is supervised; the one deliberate difference, tokenizers that add a BOS token, is
+described there and in README).
 
-Maximum length: with ``truncation='turns'`` (default) an over-long record keeps as many whole leading rounds
-(question + answer) as fit in ``max_length`` and drops the rest, with the images those rounds referred to; a
-record whose first round alone is too long is bad. ``truncation='none'``: every over-long record is bad. A
-sequence is never cut inside an image or an answer.
+``record_rules='published'`` (default) reads records as the published code does: a leading ``system`` turn is the
+system message, a leading answer is dropped, a single image without ``<image>`` goes in front of the first turn,
+``"image": ""`` is a text-only record. ``'strict'``: the project's stricter rules (roles must alternate from the
+first turn, the record must end with an answer, no reserved tokens in the text, one ``<image>`` per image).
 
-Bad records -- invalid JSON, a wrong structure, no assistant turn, a missing or unreadable image, an
-``<image>``/image count mismatch, too long -- are found when the dataset is built (a scan that reads image
-headers, not pixels) and reported with the file, the record's index (0-based; JSONL also gives the line) and
-the reason. ``on_bad_record='skip'`` leaves them out and logs a summary (and writes ``report_file`` if given);
-``'error'`` stops at the first one.
+Maximum length: ``truncation='tokens'`` (default, published) cuts the token sequence at ``max_length``; a record
+whose cut falls inside or before an image is bad. ``'turns'`` keeps as many whole leading rounds as fit (a record
+whose first round alone is too long is bad); ``'none'``: every over-long record is bad.
+
+Bad records -- invalid JSON, a wrong structure, a missing or unreadable image, too few ``<image>`` placeholders,
+an image cut off -- are found when the dataset is built (a scan that reads image headers, not pixels) and
+reported with the file, the record's index (0-based; JSONL also gives the line) and the reason. An image that
+fails to decode during training is a bad record too. ``on_bad_record='skip'`` leaves them out and logs a summary
+(and writes ``report_file`` if given); ``'error'`` stops at the first one.
 """
 from __future__ import annotations
 
@@ -47,7 +53,8 @@ IGNORE_INDEX = -100
 ROLES = {'human': USER, 'user': USER, 'gpt': ASSISTANT, 'assistant': ASSISTANT}
 RESERVED = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
 ON_BAD_RECORD = ('skip', 'error')
-TRUNCATION = ('turns', 'none')
+TRUNCATION = ('tokens', 'turns', 'none')
+RECORD_RULES = ('published', 'strict')
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class _Bad(Exception):
 
 @dataclass
 class Example:
-    """A record that passed the scan, cut to the rounds that fit."""
+    """A record that passed the scan (with ``truncation='turns'``: cut to the rounds that fit)."""
 
     source: str
     index: int
@@ -93,6 +100,71 @@ class Example:
     max_tiles_per_image: int
     num_tokens: int
     dropped_rounds: int = 0
+    truncated_tokens: int = 0
+    augment: bool = False  # the meta file's data_augment: JPEG re-compression of each tile
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One annotation file with its image root, as a meta-file entry describes it."""
+
+    annotation: Path
+    image_root: Path | None = None  # None: the annotation's folder
+    repeat_time: float = 1
+    max_dynamic_patch: int | None = None
+    data_augment: bool = False
+    name: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, 'annotation', Path(self.annotation))
+        object.__setattr__(self, 'image_root', Path(self.image_root) if self.image_root is not None
+                           else self.annotation.parent)
+        if not self.repeat_time > 0 or (self.repeat_time > 1 and self.repeat_time != int(self.repeat_time)):
+            raise ValueError(f'dataset {self.name or self.annotation}: repeat_time must be a fraction in (0, 1] or '
+                             f'a whole number, got {self.repeat_time!r}')
+
+    def records(self) -> list[tuple[int, int | None, Any]]:
+        """The file's records, subsampled or repeated by ``repeat_time`` as published (a fraction keeps the
+        first ``int(n * repeat_time)`` records; a whole number repeats the list)."""
+        records = list(iter_records(self.annotation))
+        if self.repeat_time < 1:
+            return records[:int(len(records) * self.repeat_time)]
+        return records * int(self.repeat_time)
+
+
+META_KEYS = ('root', 'annotation', 'repeat_time')
+
+
+def load_meta_file(path: str | os.PathLike) -> list[DataSource]:
+    """The datasets of a published meta file (``--meta_path``), in file order."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding='utf-8'))
+    except FileNotFoundError:
+        raise FileNotFoundError(f'meta file {path} does not exist') from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f'meta file {path} is not valid JSON: {err}') from None
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f'meta file {path} must hold a non-empty JSON object of datasets '
+                         '({"name": {"root": ..., "annotation": ..., "repeat_time": ...}, ...})')
+    sources = []
+    for name, entry in meta.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f'meta file {path}: dataset {name!r} must be an object, got {type(entry).__name__}')
+        missing = [k for k in META_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f'meta file {path}: dataset {name!r} lacks {", ".join(missing)} '
+                             f'(each dataset needs {", ".join(META_KEYS)})')
+        if not str(entry['annotation']).endswith('.jsonl'):
+            raise ValueError(f'meta file {path}: dataset {name!r}: annotation must be a .jsonl file, got '
+                             f'{entry["annotation"]!r}')
+        try:
+            sources.append(DataSource(Path(entry['annotation']), Path(entry['root']), float(entry['repeat_time']),
+                                      entry.get('max_dynamic_patch'), bool(entry.get('data_augment', False)),
+                                      name))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f'meta file {path}: {err}') from None
+    return sources
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
@@ -121,61 +193,103 @@ def iter_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
         yield index, None, record
 
 
+def _leading_special_tokens(tokenizer) -> int:
+    """How many special tokens (BOS) the tokenizer puts in front of a text by default."""
+    plain = tokenizer('a', add_special_tokens=False)['input_ids']
+    full = tokenizer('a')['input_ids']
+    for lead in range(len(full) - len(plain) + 1):
+        if full[lead:lead + len(plain)] == plain:
+            return lead
+    raise ValueError(f'cannot find the text tokens inside the tokenizer\'s default encoding ({full} vs {plain})')
+
+
+def encode_conversation(tokenizer, conv) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a rendered conversation, as the published ``preprocess_*`` functions make them.
+
+    The whole rendered text is tokenized once with the tokenizer's default special tokens (templates with
+    ``per_message_tokens``: each message on its own, without them, ids concatenated). Labels keep the tokens
+    between the token counts of the rendered prefixes that end where each supervised span starts and ends;
+    everything else is -100. This equals the published functions' position arithmetic wherever that arithmetic is
+    consistent; where it is not (a tokenizer that adds a BOS token with ``Hermes-2``: the published function counts
+    the BOS once per turn, reports "tokenization mismatch" and masks the whole record) the answers are supervised
+    as intended and ``input_ids`` are still the published ones.
+    """
+    blocks = conv.blocks()
+    whole = not conv.template.per_message_tokens
+    lead = _leading_special_tokens(tokenizer) if whole else 0
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for block in blocks:
+        ids = tokenizer(block.text, add_special_tokens=whole)['input_ids']
+        block_labels = [IGNORE_INDEX] * len(ids)
+        for start, end in block.targets:
+            a = lead + len(tokenizer(block.text[:start], add_special_tokens=False)['input_ids'])
+            b = lead + len(tokenizer(block.text[:end], add_special_tokens=False)['input_ids'])
+            block_labels[a:b] = ids[a:b]
+        input_ids += ids
+        labels += block_labels
+    return input_ids, labels
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Validated, tokenized SFT records; items are dicts of tensors for ``SFTCollator``.
 
     Args:
-        data_files: .json (a list of records) or .jsonl files.
+        data_files: .json (a list of records) or .jsonl files, or ``DataSource`` objects (a meta file's entries).
         tokenizer: a tokenizer holding the image tokens (``chat.tokenization.prepare_tokenizer``).
         num_image_token: LLM tokens per tile (``model.num_image_token``).
         image_root: folder image paths are relative to (default: each data file's folder).
         template: conversation template name; ``system_message`` overrides its system message.
         tile_size, dynamic, min_tiles, max_tiles, use_thumbnail: image preprocessing (``chat.preprocess``);
             with several images in a record each gets ``max(1, max_tiles // n_images)`` tiles at most.
-        max_length, truncation: see the module docstring.
+        max_length, truncation, record_rules: see the module docstring.
         on_bad_record: 'skip' or 'error'. report_file: a JSONL file listing the bad records.
     """
 
-    def __init__(self, data_files: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *,
-                 num_image_token: int, image_root: str | os.PathLike | None = None, template: str = 'Hermes-2',
-                 system_message: str | None = None, tile_size: int = 448, dynamic: bool = False,
-                 min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = False, max_length: int = 2048,
-                 truncation: str = 'turns', on_bad_record: str = 'skip',
-                 report_file: str | os.PathLike | None = None):
+    def __init__(self, data_files, tokenizer, *, num_image_token: int, image_root: str | os.PathLike | None = None,
+                 template: str = 'Hermes-2', system_message: str | None = None, tile_size: int = 448,
+                 dynamic: bool = False, min_tiles: int = 1, max_tiles: int = 6, use_thumbnail: bool = False,
+                 max_length: int = 2048, truncation: str = 'tokens', record_rules: str = 'published',
+                 on_bad_record: str = 'skip', report_file: str | os.PathLike | None = None):
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f'on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}')
         if truncation not in TRUNCATION:
             raise ValueError(f'truncation must be one of {TRUNCATION}, got {truncation!r}')
+        if record_rules not in RECORD_RULES:
+            raise ValueError(f'record_rules must be one of {RECORD_RULES}, got {record_rules!r}')
         if max_length < 1:
             raise ValueError(f'max_length must be positive, got {max_length}')
-        files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
-        if not files:
+        sources = [data_files] if isinstance(data_files, (str, os.PathLike, DataSource)) else list(data_files)
+        if not sources:
             raise ValueError('no data files given')
+        sources = [s if isinstance(s, DataSource) else DataSource(Path(s), None if image_root is None
+                                                                  else Path(image_root)) for s in sources]
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.system_message = system_message
         self.num_image_token = num_image_token
-        self.image_root = None if image_root is None else Path(image_root)
         self.tile_size, self.dynamic, self.use_thumbnail = tile_size, dynamic, use_thumbnail
         self.min_tiles, self.max_tiles = min_tiles, max_tiles
         self.max_length, self.truncation, self.on_bad_record = max_length, truncation, on_bad_record
+        self.record_rules = record_rules
+        self.report_file = None if report_file is None else Path(report_file)
         self._check_tokenizer()
+        self._img_end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
 
         self.examples: list[Example] = []
         self.bad_records: list[BadRecord] = []
-        for file in map(Path, files):
-            for index, line, record in iter_records(file):
+        for source in sources:
+            for index, line, record in source.records():
                 try:
                     if isinstance(record, _Bad):
                         raise record
-                    self.examples.append(self._scan(file, index, record))
+                    self.examples.append(self._scan(source, index, record))
                 except _Bad as reason:
-                    bad = BadRecord(str(file), index, str(reason), line,
-                                    _record_id(record))
+                    bad = BadRecord(str(source.annotation), index, str(reason), line, _record_id(record))
                     if on_bad_record == 'error':
                         raise BadRecordError(bad) from None
                     self.bad_records.append(bad)
-        self._report(files, report_file)
+        self._report([s.annotation for s in sources])
 
     @classmethod
     def for_model(cls, model, tokenizer, data_files, **kwargs) -> 'SFTDataset':
@@ -187,6 +301,11 @@ class SFTDataset(torch.utils.data.Dataset):
         defaults.update({k: v for k, v in kwargs.items() if v is not None})
         return cls(data_files, tokenizer, **defaults)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example (for ``--group_by_length``)."""
+        return [ex.num_tokens for ex in self.examples]
+
     # ------------------------------------------------------------------------------------------- scanning
     def _check_tokenizer(self) -> None:
         vocab = self.tokenizer.get_vocab()
@@ -194,36 +313,96 @@ class SFTDataset(torch.utils.data.Dataset):
         if missing:
             raise ValueError(f'the tokenizer lacks {", ".join(missing)}; run chat.tokenization.prepare_tokenizer')
 
-    def _scan(self, file: Path, index: int, record: Any) -> Example:
+    def _scan(self, source: 'DataSource', index: int, record: Any) -> Example:
         if not isinstance(record, dict):
             raise _Bad(f'a record must be a JSON object, got {type(record).__name__}')
-        system, turns = self._parse_turns(record)
-        images = self._images(file, record)
-        placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-        if images and placeholders == 0:
-            turns[0] = (USER, (IMAGE_PLACEHOLDER + '\n') * len(images) + turns[0][1])
-        elif placeholders != len(images):
-            raise _Bad(f'{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images')
-        per_image = max(1, self.max_tiles // max(1, len(images)))
+        strict = self.record_rules == 'strict'
+        images = self._images(source, record)
+        if strict:
+            system, turns = self._parse_turns(record)
+            placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+            if images and placeholders == 0:
+                turns[0] = (USER, (IMAGE_PLACEHOLDER + '\n') * len(images) + turns[0][1])
+            elif placeholders != len(images):
+                raise _Bad(f'{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images')
+        else:
+            system, turns = self._published_turns(record, images)
+            placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+            if placeholders < len(images):
+                raise _Bad(f'{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images')
+        per_image = max(1, (source.max_dynamic_patch or self.max_tiles) // max(1, len(images)))
         tiles = [self._count_tiles(path, per_image) for path in images]
-
-        round_lengths, system_length = self._round_lengths(system, turns, tiles)
-        total = system_length + sum(round_lengths)
-        kept = len(round_lengths)
+        example = Example(str(source.annotation), index, system, turns, images, tiles, per_image, num_tokens=0,
+                          augment=source.data_augment)
+        input_ids, labels = self._encode_full(example)
+        total = len(input_ids)
+        if strict and not any(lab != IGNORE_INDEX for lab in labels):
+            raise _Bad('no supervised token (every answer is empty)')
         if total > self.max_length:
             if self.truncation == 'none':
                 raise _Bad(f'too long: {total} tokens > max_length {self.max_length}')
-            while kept and system_length + sum(round_lengths[:kept]) > self.max_length:
-                kept -= 1
-            if kept == 0:
-                raise _Bad(f'too long: {total} tokens, and the first round alone takes '
-                           f'{system_length + round_lengths[0]} > max_length {self.max_length}')
-        kept_turns = turns[:2 * kept]
-        kept_images = sum(text.count(IMAGE_PLACEHOLDER) for _, text in kept_turns)
-        return Example(str(file), index, system, kept_turns, images[:kept_images], tiles[:kept_images], per_image,
-                       system_length + sum(round_lengths[:kept]), len(round_lengths) - kept)
+            if self.truncation == 'turns':
+                return self._drop_rounds(example, total)
+            # 'tokens' (published): the sequence is cut; an image cut off makes the record bad
+            complete = input_ids[:self.max_length].count(self._img_end_id)
+            if complete < len(images):
+                raise _Bad(f'too long: {total} tokens > max_length {self.max_length} cuts off image '
+                           f'{complete + 1} of {len(images)}')
+            example.truncated_tokens = total - self.max_length
+        example.num_tokens = min(total, self.max_length)
+        return example
+
+    def _drop_rounds(self, example: Example, total: int) -> Example:
+        """'turns': keep as many whole leading rounds (question + answer) as fit."""
+        turns = example.turns
+        for kept in range(len(turns) // 2 - 1, 0, -1):
+            shorter = turns[:2 * kept]
+            n_images = sum(text.count(IMAGE_PLACEHOLDER) for _, text in shorter)
+            candidate = Example(example.source, example.index, example.system, shorter, example.images[:n_images],
+                                example.tiles[:n_images], example.max_tiles_per_image, 0,
+                                dropped_rounds=(len(turns) - len(shorter)) // 2, augment=example.augment)
+            length = len(self._encode_full(candidate)[0])
+            if length <= self.max_length:
+                candidate.num_tokens = length
+                return candidate
+        first = Example(example.source, example.index, example.system, turns[:2], [], [], 1, 0)
+        first.images = example.images[:sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns[:2])]
+        first.tiles = example.tiles[:len(first.images)]
+        raise _Bad(f'too long: {total} tokens, and the first round alone takes '
+                   f'{len(self._encode_full(first)[0])} > max_length {self.max_length}')
+
+    def _published_turns(self, record: dict, images: list[Path]) -> tuple[str | None, list[tuple[int, str]]]:
+        """The published reading of ``conversations``: a leading ``system`` turn is the system message, a leading
+        answer is dropped, then turns must alternate; a single image without ``<image>`` goes in front of the
+        first turn."""
+        conversations = record.get('conversations')
+        if not isinstance(conversations, list) or not conversations:
+            raise _Bad("no 'conversations' list")
+        for i, turn in enumerate(conversations):
+            if not isinstance(turn, dict) or not isinstance(turn.get('value'), str) or 'from' not in turn:
+                raise _Bad(f"turn {i} must be an object with 'from' and a string 'value'")
+        values = [turn['value'] for turn in conversations]
+        if (isinstance(record.get('image'), str) and images and IMAGE_PLACEHOLDER not in values[0]):
+            values[0] = IMAGE_PLACEHOLDER + '\n' + values[0]
+        system = None
+        roles = [str(turn['from']).lower() for turn in conversations]
+        if roles[0] == 'system':
+            system, roles, values = values[0], roles[1:], values[1:]
+        if roles and ROLES.get(roles[0]) == ASSISTANT:
+            roles, values = roles[1:], values[1:]
+        turns = []
+        for i, (role, value) in enumerate(zip(roles, values)):
+            if role not in ROLES:
+                raise _Bad(f'turn {i} has role {role!r}; expected human/user, gpt/assistant')
+            if ROLES[role] != i % 2:
+                raise _Bad(f"turn {i} is from {role!r}: turns must alternate, starting with the user")
+            turns.append((ROLES[role], value))
+        if not turns:
+            raise _Bad('no question')
+        return system, turns
 
     def _parse_turns(self, record: dict) -> tuple[str | None, list[tuple[int, str]]]:
+        """The strict reading (``record_rules='strict'``)."""
         conversations = record.get('conversations')
         if not isinstance(conversations, list) or not conversations:
             raise _Bad("no 'conversations' list")
@@ -257,14 +436,14 @@ class SFTDataset(torch.utils.data.Dataset):
             raise _Bad('the last question has no answer (the record must end with an assistant turn)')
         return system, turns
 
-    def _images(self, file: Path, record: dict) -> list[Path]:
+    def _images(self, source: 'DataSource', record: dict) -> list[Path]:
         value = record.get('image', record.get('images'))
-        if value is None:
-            return []
+        if value is None or (self.record_rules == 'published' and len(value) == 0):
+            return []  # published: "image": "" or [] is a text-only record
         names = [value] if isinstance(value, str) else value
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise _Bad("'image' must be a path or a list of paths")
-        root = self.image_root or file.parent
+        root = source.image_root
         paths = [Path(n) if os.path.isabs(n) else root / n for n in names]
         for path in paths:
             if not path.is_file():
@@ -281,57 +460,60 @@ class SFTDataset(torch.utils.data.Dataset):
                            self.use_thumbnail)
 
     # ------------------------------------------------------------------------------------------- encoding
-    def _segments(self, system: str | None, turns: Sequence[tuple[int, str]]) -> list[tuple[str, bool]]:
-        conv = self.template.conversation(system if system is not None else self.system_message)
-        for role, text in turns:
+    def _conversation(self, example: Example):
+        """The example's dialogue in the template, each ``<image>`` (in order) expanded to its image tokens."""
+        conv = self.template.conversation(example.system if example.system is not None else self.system_message)
+        tiles = iter(example.tiles)
+        remaining = len(example.tiles)
+        for role, text in example.turns:
+            if self.template.strip_messages:
+                text = text.strip()
+            while remaining and IMAGE_PLACEHOLDER in text:
+                text = text.replace(IMAGE_PLACEHOLDER, image_token_text(self.num_image_token, next(tiles)), 1)
+                remaining -= 1
             conv.append(role, text)
-        return conv.segments()
+        return conv
 
-    def _tokenize(self, text: str, tiles: Iterator[int]) -> list[int]:
-        while IMAGE_PLACEHOLDER in text:
-            text = text.replace(IMAGE_PLACEHOLDER, image_token_text(self.num_image_token, next(tiles)), 1)
-        return self.tokenizer(text, add_special_tokens=False)['input_ids']
-
-    def _round_lengths(self, system, turns, tiles) -> tuple[list[int], int]:
-        """Tokens of the system prompt and of each round (question + answer)."""
-        tile_iter = iter(tiles)
-        segments = self._segments(system, turns)
-        n_system = len(self._segments(system, []))  # pieces before the first question (0 or 1)
-        per_round = len(self._segments(system, turns[:2])) - n_system
-        lengths = [len(self._tokenize(text, tile_iter)) for text, _ in segments]
-        system_length = sum(lengths[:n_system])
-        rounds = [sum(lengths[n_system + r * per_round:n_system + (r + 1) * per_round])
-                  for r in range(len(turns) // 2)]
-        return rounds, system_length
+    def _encode_full(self, example: Example) -> tuple[list[int], list[int]]:
+        return encode_conversation(self.tokenizer, self._conversation(example))
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        """Token ids and labels (answers and their closing text kept, everything else -100)."""
-        tile_iter = iter(example.tiles)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for text, is_target in self._segments(example.system, example.turns):
-            ids = self._tokenize(text, tile_iter)
-            input_ids += ids
-            labels += ids if is_target else [IGNORE_INDEX] * len(ids)
-        return input_ids, labels
+        """Token ids and labels of an example, cut at ``max_length`` (the published truncation)."""
+        input_ids, labels = self._encode_full(example)
+        return input_ids[:self.max_length], labels[:self.max_length]
 
     # ------------------------------------------------------------------------------------------- items
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ex = self.examples[i]
+    def _pixels(self, ex: Example) -> list[torch.Tensor]:
         tiles = []
         for path, expected in zip(ex.images, ex.tiles):
-            try:
-                pixels = load_image(path, self.tile_size, self.dynamic, min(self.min_tiles, ex.max_tiles_per_image),
-                                    ex.max_tiles_per_image, self.use_thumbnail)
-            except OSError as err:
-                raise OSError(f'{ex.source} record {ex.index}: {err}') from None
+            pixels = load_image(path, self.tile_size, self.dynamic, min(self.min_tiles, ex.max_tiles_per_image),
+                                ex.max_tiles_per_image, self.use_thumbnail, augment=ex.augment)
             if pixels.shape[0] != expected:
-                raise RuntimeError(f'{ex.source} record {ex.index}: {path} gave {pixels.shape[0]} tiles, the scan '
-                                   f'counted {expected} (did the file change?)')
+                raise OSError(f'{path} gave {pixels.shape[0]} tiles, the scan counted {expected} '
+                              '(did the file change?)')
             tiles.append(pixels)
+        return tiles
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """An example; one whose image cannot be decoded now (truncated, corrupt, changed since the scan) is a
+        bad record: reported and replaced by the next usable one (``on_bad_record='error'``: raised)."""
+        for attempt in range(len(self.examples)):
+            ex = self.examples[(i + attempt) % len(self.examples)]
+            try:
+                tiles = self._pixels(ex)
+            except OSError as err:
+                bad = BadRecord(ex.source, ex.index, f'cannot read image: {err}', record_id=None)
+                if self.on_bad_record == 'error':
+                    raise BadRecordError(bad) from None
+                self._add_bad_record_during_training(bad)
+                continue
+            return self._item(ex, tiles)
+        raise RuntimeError('every SFT record has an unreadable image')
+
+    def _item(self, ex: Example, tiles: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids, labels = self.encode(ex)
         if tiles:
             pixel_values = torch.cat(tiles)
@@ -344,14 +526,25 @@ class SFTDataset(torch.utils.data.Dataset):
                 'labels': torch.tensor(labels, dtype=torch.long),
                 'pixel_values': pixel_values, 'image_flags': image_flags}
 
+    def _add_bad_record_during_training(self, bad: BadRecord) -> None:
+        print_log(f'bad record (skipped): {bad}', logger='current', level=30)
+        self.bad_records.append(bad)
+        if self.report_file is not None:  # appended: the scan wrote the file; a worker process adds its finds
+            with self.report_file.open('a', encoding='utf-8') as f:
+                f.write(json.dumps(bad.to_json(), ensure_ascii=False) + '\n')
+
     # ------------------------------------------------------------------------------------------- report
-    def _report(self, files, report_file) -> None:
+    def _report(self, files) -> None:
+        report_file = self.report_file
         truncated = [ex for ex in self.examples if ex.dropped_rounds]
         scanned = len(self.examples) + len(self.bad_records)
         message = (f'SFT data: {scanned} records in {len(files)} file(s): {len(self.examples)} usable, '
                    f'{len(self.bad_records)} bad (skipped)')
         if truncated:
             message += f', {len(truncated)} truncated to fit max_length {self.max_length} (trailing rounds dropped)'
+        cut = [ex for ex in self.examples if ex.truncated_tokens]
+        if cut:
+            message += f', {len(cut)} cut at max_length {self.max_length} tokens'
         print_log(message, logger='current')
         if self.bad_records:
             reasons = Counter(b.reason.split(':')[0] for b in self.bad_records)

@@ -79,7 +79,7 @@ class ChatSettings:
     dynamic_image_size: bool = False
     use_thumbnail: bool = False
     min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 12
+    max_dynamic_patch: int = 6  # the published InternVLChatConfig default
 
     def __post_init__(self):
         get_template(self.template)  # fail early on an unknown template
@@ -121,9 +121,9 @@ class InternVLChatModel(nn.Module):
         self.language_model = language_model
         self.img_context_token_id = img_context_token_id
         depth = vision_model.depth
-        if not -depth <= self.settings.select_layer < depth:
+        if not -depth - 1 <= self.settings.select_layer <= depth:
             raise ValueError(f'select_layer {self.settings.select_layer} is out of range for a {depth}-layer '
-                             'vision model')
+                             f'vision model (hidden_states has {depth + 1} entries: -{depth + 1}..{depth})')
         grid = self.image_size // vision_model.arch.patch_size
         if self.image_size % vision_model.arch.patch_size or (grid * self.settings.downsample_ratio) % 1:
             raise ValueError(f'image size {self.image_size} does not give a token grid divisible by '
@@ -150,19 +150,36 @@ class InternVLChatModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- training set-up
     def set_trainable(self, *, backbone: bool = True, llm: bool = True, projector: bool = True,
-                      unfreeze_backbone_last: int = 0) -> dict[str, int]:
-        """Freeze or unfreeze the three parts; ``unfreeze_backbone_last=N`` trains the last N backbone layers
-        even when the backbone is frozen. Returns the number of trainable parameters per part."""
+                      unfreeze_vit_layers: int = 0, unfreeze_backbone_last: int = 0) -> dict[str, int]:
+        """Freeze or unfreeze the three parts. ``unfreeze_vit_layers=N`` then trains ``layers[N:]`` as the
+        published ``--unfreeze_vit_layers`` (negative N: the last -N layers; 0: none);
+        ``unfreeze_backbone_last=N`` trains the last N layers. Returns the number of trainable parameters per part.
+        """
         depth = self.vision_model.depth
+        if not -depth <= unfreeze_vit_layers < depth:
+            raise ValueError(f'unfreeze_vit_layers must be in [-{depth}, {depth - 1}] for a {depth}-layer backbone '
+                             f'(layers[N:] are trained), got {unfreeze_vit_layers}')
         if not 0 <= unfreeze_backbone_last <= depth:
             raise ValueError(f'unfreeze_backbone_last must be between 0 and the backbone depth {depth}, '
                              f'got {unfreeze_backbone_last}')
         self.vision_model.requires_grad_(backbone)
+        if unfreeze_vit_layers:
+            self.vision_model.encoder.layers[unfreeze_vit_layers:].requires_grad_(True)
         if unfreeze_backbone_last:
             self.vision_model.encoder.layers[-unfreeze_backbone_last:].requires_grad_(True)
         self.language_model.requires_grad_(llm)
         self.mlp1.requires_grad_(projector)
         return self.trainable_parameters()
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth on the backbone, rising linearly from 0 at the first block to ``rate`` at the last (the
+        published ``--drop_path_rate``; V1-2 fine-tuning used 0.4)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {rate}')
+        layers = self.vision_model.encoder.layers
+        for block, prob in zip(layers, torch.linspace(0, rate, len(layers)).tolist()):
+            block.drop_path.prob = prob
+        self.vision_model.drop_path_rate = rate
 
     def trainable_parameters(self) -> dict[str, int]:
         parts = {'vision_model': self.vision_model, 'mlp1': self.mlp1, 'language_model': self.language_model}
@@ -190,12 +207,17 @@ class InternVLChatModel(nn.Module):
         vision_dtype = vision.embeddings.patch_embedding.weight.dtype
         x = pixel_values.to(vision_dtype)
         trains_vision = torch.is_grad_enabled() and any(p.requires_grad for p in vision.parameters())
+        # select_layer indexes the published hidden_states: entry 0 is the embedding output, entry k the output
+        # of k blocks, -1 the last block's output.
+        depth = vision.depth
+        blocks = self.settings.select_layer % (depth + 1)
         with contextlib.nullcontext() if trains_vision else torch.no_grad():
-            if self.settings.select_layer == -1:
+            if blocks == depth:
                 tokens = vision.forward_features(x)
+            elif blocks == 0:
+                tokens = vision.embeddings(x)
             else:
-                tokens = vision.forward_intermediates(x, [self.settings.select_layer], output_format='tokens',
-                                                     with_cls=True)[0]
+                tokens = vision.forward_intermediates(x, [blocks - 1], output_format='tokens', with_cls=True)[0]
         patches = tokens[:, 1:]
         t, n, c = patches.shape
         side = math.isqrt(n)
@@ -264,23 +286,23 @@ class InternVLChatModel(nn.Module):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def stop_token_ids(self, tokenizer) -> list[int]:
-        """Token ids that end an answer: the template's stop text (when it is one token) and the tokenizer's EOS."""
-        ids = []
+        """The id that ends an answer, as published: the template's separator token (``sep.strip()``; 'plain':
+        the newline, which a byte-level tokenizer spells as one token of another name)."""
         stop = self.template.stop_str
-        if stop:
+        token_id = tokenizer.convert_tokens_to_ids(stop)
+        if token_id is None or token_id == tokenizer.unk_token_id:
             encoded = tokenizer.encode(stop, add_special_tokens=False)
-            if len(encoded) == 1:
-                ids.append(encoded[0])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-            ids.append(tokenizer.eos_token_id)
-        if not ids:
-            raise ValueError(f'the tokenizer has no EOS token and the {self.template.name} template\'s stop text '
-                             f'{stop!r} is not a single token: generation would never stop')
-        return ids
+            token_id = encoded[0] if len(encoded) == 1 else None
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no single token for {stop!r}, the {self.template.name} template's "
+                             'separator at which generation stops; prepare it with '
+                             'chat.tokenization.prepare_tokenizer')
+        return [token_id]
 
     def build_prompt(self, question: str, history: Sequence[tuple[str, str]] = (), num_images: int = 0,
                      num_patches_list: Sequence[int] | None = None, system_message: str | None = None) -> str:
-        """The prompt text for ``question`` after ``history``, with every ``<image>`` expanded to image tokens."""
+        """The prompt text for ``question`` after ``history``, the first ``len(num_patches_list)`` ``<image>``
+        placeholders expanded to image tokens (as published: later ones stay text)."""
         conv = self.template.conversation(system_message)
         for old_question, old_answer in history:
             conv.append(USER, old_question).append(ASSISTANT, old_answer)
@@ -288,7 +310,7 @@ class InternVLChatModel(nn.Module):
         prompt = conv.prompt()
         patches = list(num_patches_list or [])
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
-        if placeholders != len(patches):
+        if placeholders < len(patches):
             raise ValueError(f'the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but '
                              f'{len(patches)} images were given')
         for tiles in patches:
@@ -297,32 +319,34 @@ class InternVLChatModel(nn.Module):
 
     def chat(self, tokenizer, pixel_values: torch.Tensor | None, question: str,
              generation_config: dict | Any | None = None, history: list[tuple[str, str]] | None = None,
-             num_patches_list: Sequence[int] | None = None, system_message: str | None = None,
-             ) -> tuple[str, list[tuple[str, str]]]:
-        """Answer ``question`` about the image(s); returns ``(answer, history)`` with this turn appended.
+             return_history: bool = False, num_patches_list: Sequence[int] | None = None,
+             system_message: str | None = None):
+        """Answer ``question`` about the image(s), as the published ``chat()``: returns the answer, or
+        ``(answer, history)`` with ``return_history=True``.
 
         ``pixel_values`` holds the tiles of every image in the conversation (``[T, 3, S, S]``), or None for
-        text only. ``num_patches_list`` gives the tile count per image (default: one image with all T tiles).
-        On the first turn a question without ``<image>`` gets ``<image>\\n`` in front. The prompt is re-encoded
-        with the whole history each turn, so pass the same ``pixel_values`` again on later turns.
-        ``generation_config``: a dict of ``generate`` arguments or a ``GenerationConfig``
-        (default: greedy, 64 new tokens).
+        text only; ``num_patches_list`` gives the tile count per image (default: one image with all T tiles).
+        With ``history=None`` and images, a question without ``<image>`` gets one ``<image>\\n`` in front. The
+        prompt is encoded with the tokenizer's default special tokens (a LLaMA tokenizer's ``<s>``), generation
+        stops at the template's separator token, and the decoded answer is cut there and stripped. The prompt is
+        re-encoded with the whole history each turn, so pass the same ``pixel_values`` again on later turns.
+        ``generation_config``: a dict of ``generate`` arguments or a ``GenerationConfig`` (default: greedy,
+        64 new tokens).
         """
-        history = list(history or [])
-        if pixel_values is not None:
-            if pixel_values.ndim != 4:
-                raise ValueError(f'pixel_values must be [tiles, 3, H, W], got shape {tuple(pixel_values.shape)}')
-            if num_patches_list is None:
-                num_patches_list = [pixel_values.shape[0]]
-            if sum(num_patches_list) != pixel_values.shape[0]:
-                raise ValueError(f'num_patches_list {list(num_patches_list)} adds up to {sum(num_patches_list)} '
-                                 f'tiles but pixel_values has {pixel_values.shape[0]}')
-            if not history and IMAGE_PLACEHOLDER not in question:
-                question = (IMAGE_PLACEHOLDER + '\n') * len(num_patches_list) + question
+        if pixel_values is not None and pixel_values.ndim != 4:
+            raise ValueError(f'pixel_values must be [tiles, 3, H, W], got shape {tuple(pixel_values.shape)}')
+        if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + '\n' + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+            raise ValueError(f'num_patches_list {list(num_patches_list)} adds up to {sum(num_patches_list)} '
+                             f'tiles but pixel_values has {pixel_values.shape[0]}')
+        history = [] if history is None else list(history)
         self._check_tokenizer(tokenizer)
-        prompt = self.build_prompt(question, history, num_patches_list=num_patches_list or [],
+        prompt = self.build_prompt(question, history, num_patches_list=num_patches_list,
                                    system_message=system_message)
-        encoded = tokenizer(prompt, return_tensors='pt', add_special_tokens=False)
+        encoded = tokenizer(prompt, return_tensors='pt')
         device = self.language_model.get_input_embeddings().weight.device
         gen_kwargs = self._generation_kwargs(tokenizer, generation_config)
         output = self.generate(encoded['input_ids'].to(device),
@@ -331,7 +355,7 @@ class InternVLChatModel(nn.Module):
         text = tokenizer.decode(output[0], skip_special_tokens=True)
         answer = self.template.conversation().clean_answer(text)
         history.append((question, answer))
-        return answer, history
+        return (answer, history) if return_history else answer
 
     def _check_tokenizer(self, tokenizer) -> None:
         token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
@@ -353,7 +377,7 @@ class InternVLChatModel(nn.Module):
         else:
             kwargs = dict(generation_config)
         stop_ids = self.stop_token_ids(tokenizer)
-        kwargs.setdefault('eos_token_id', stop_ids)
+        kwargs['eos_token_id'] = stop_ids[0] if len(stop_ids) == 1 else stop_ids  # as published: the template's
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         kwargs.setdefault('pad_token_id', pad)
         return kwargs

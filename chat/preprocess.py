@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import io
 import os
+import random
 from typing import Sequence
 
 import torch
@@ -23,16 +25,22 @@ from backbones.internvit import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-ex
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
-    """Every ``(cols, rows)`` with ``min_tiles <= cols*rows <= max_tiles``, fewest tiles first."""
+    """Every ``(cols, rows)`` with ``min_tiles <= cols*rows <= max_tiles``, fewest tiles first.
+
+    Grids with the same number of tiles come in the published order: the order in which CPython iterates a set
+    filled for n = min..max, cols = 1..n, rows = 1..n (deterministic for integer tuples), sorted stably by tile
+    count. That order decides between equally close grids (e.g. 2x3 and 3x2 for a 13:12 image when
+    ``min_tiles > 1``), so it is kept as it is.
+    """
     if not 1 <= min_tiles <= max_tiles:
         raise ValueError(f'need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}')
-    grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+    grids = {(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1)
              if min_tiles <= c * r <= max_tiles}
-    return sorted(grids, key=lambda g: (g[0] * g[1], g[0], g[1]))
+    return sorted(grids, key=lambda g: g[0] * g[1])
 
 
 def choose_grid(width: int, height: int, tile_size: int = 448, min_tiles: int = 1,
-                max_tiles: int = 12) -> tuple[int, int]:
+                max_tiles: int = 6) -> tuple[int, int]:
     """The ``(cols, rows)`` tile grid for an image of ``width`` x ``height`` pixels (see the module docstring)."""
     if width <= 0 or height <= 0:
         raise ValueError(f'image size must be positive, got {width}x{height}')
@@ -47,7 +55,7 @@ def choose_grid(width: int, height: int, tile_size: int = 448, min_tiles: int = 
     return best
 
 
-def dynamic_tiles(image: Image.Image, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12,
+def dynamic_tiles(image: Image.Image, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 6,
                   use_thumbnail: bool = True) -> list[Image.Image]:
     """The image cut into tiles of ``tile_size`` (plus a thumbnail when there is more than one tile)."""
     cols, rows = choose_grid(image.width, image.height, tile_size, min_tiles, max_tiles)
@@ -78,16 +86,31 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise OSError(f'cannot read image {path}: {err}') from None
 
 
+def jpeg_degrade(image: Image.Image, rng: random.Random | None = None) -> Image.Image:
+    """The published training augmentation (a meta-file dataset with ``data_augment``): re-encode as JPEG at a
+    quality drawn uniformly from 75..100."""
+    quality = (rng or random).randint(75, 100)
+    buffer = io.BytesIO()
+    image.convert('RGB').save(buffer, format='JPEG', quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as degraded:
+        return degraded.convert('RGB')
+
+
 def load_image(image: str | os.PathLike | Image.Image, tile_size: int = 448, dynamic: bool = False,
-               min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True) -> torch.Tensor:
-    """``pixel_values`` ``[T, 3, tile_size, tile_size]`` for one image: T=1 at fixed resolution."""
+               min_tiles: int = 1, max_tiles: int = 6, use_thumbnail: bool = True,
+               augment: bool = False) -> torch.Tensor:
+    """``pixel_values`` ``[T, 3, tile_size, tile_size]`` for one image: T=1 at fixed resolution.
+    ``augment``: each tile gets ``jpeg_degrade`` (as the published training transform)."""
     img = image.convert('RGB') if isinstance(image, Image.Image) else open_image(image)
     tiles = dynamic_tiles(img, tile_size, min_tiles, max_tiles, use_thumbnail) if dynamic else [img]
+    if augment:
+        tiles = [jpeg_degrade(t) for t in tiles]
     return torch.stack([tile_to_tensor(t, tile_size) for t in tiles])
 
 
 def count_tiles(size: Sequence[int], dynamic: bool, tile_size: int = 448, min_tiles: int = 1,
-                max_tiles: int = 12, use_thumbnail: bool = True) -> int:
+                max_tiles: int = 6, use_thumbnail: bool = True) -> int:
     """How many tiles ``load_image`` makes for an image of ``size = (width, height)``, without decoding it."""
     if not dynamic:
         return 1

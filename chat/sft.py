@@ -9,13 +9,20 @@ A JSON file with the same keys can stand in for the command line, followed by ov
 deepspeed is an optional extra: nothing imports it unless ``--deepspeed`` is given, and then a missing package is
 reported before anything else happens.
 
+Data: ``--meta_path`` (the published meta file) or ``--data FILE.jsonl``; see ``chat.data``. The published V1-2
+recipe switches are here: ``--drop_path_rate``, ``--group_by_length``, ``--unfreeze_vit_layers N`` (layers[N:]),
+``--mlp_path`` (the pre-trained projector file); ``--trust_remote_code`` lets a V1-5 checkpoint's InternLM2 code run.
+
 Checkpoints (``output_dir/checkpoint-N``) and the final model (``output_dir``) are InternVL-Chat directories in
-the published layout, with the tokenizer; ``--resume_from_checkpoint latest`` continues from the newest one.
+the published layout, with the tokenizer; ``--resume_from_checkpoint latest`` continues from the newest complete
+one (an interrupted save, without ``trainer_state.json``, is passed over).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +30,9 @@ from typing import Sequence
 
 from mmengine.logging import print_log
 
-from .checkpoint import build_from_parts, load_chat_model, load_tokenizer, save_chat_model
-from .data import ON_BAD_RECORD, TRUNCATION, SFTCollator, SFTDataset
+from .checkpoint import (build_from_parts, load_chat_model, load_projector, load_tokenizer, read_projector,
+                         save_chat_model)
+from .data import ON_BAD_RECORD, RECORD_RULES, TRUNCATION, SFTCollator, SFTDataset, load_meta_file
 from .model import ChatSettings
 
 
@@ -35,9 +43,14 @@ class ModelArguments:
     vision_path: str | None = field(default=None, metadata={
         'help': 'or build from parts: a backbone checkpoint (e.g. written by tools/export_to_chat.py)'})
     llm_path: str | None = field(default=None, metadata={'help': 'with --vision_path: an LLM directory (HF)'})
-    projector_path: str | None = field(default=None, metadata={
-        'help': 'with --vision_path: a chat checkpoint to take mlp1 from (default: a fresh projector)'})
-    conv_style: str | None = field(default=None, metadata={'help': "template: 'Hermes-2' or 'plain'"})
+    mlp_path: str | None = field(default=None, metadata={
+        'help': 'the pre-trained projector: the published mlp_projector/*.pth file (a bare mlp1 state dict) or a '
+                'chat checkpoint directory to take mlp1 from (default with --vision_path: a fresh projector)'})
+    trust_remote_code: bool = field(default=False, metadata={
+        'help': 'allow LLM/tokenizer code shipped in the checkpoint directory (e.g. modeling_internlm2.py of the '
+                'V1-5 checkpoints) to run'})
+    conv_style: str | None = field(default=None, metadata={
+        'help': "template: internvl_zh (V1-1), Hermes-2 (V1-2), internlm2-chat (V1-5), phi3-chat, internvl2_5, plain"})
     vision_select_layer: int | None = field(default=None, metadata={'help': 'backbone layer to use (-1: last)'})
     down_sample_ratio: float | None = field(default=None, metadata={'help': 'pixel-shuffle ratio (0.5)'})
     ps_version: str | None = field(default=None, metadata={'help': "pixel-shuffle order 'v1' or 'v2'"})
@@ -50,16 +63,31 @@ class ModelArguments:
     freeze_llm: bool = field(default=False, metadata={'help': 'freeze the language model'})
     freeze_mlp: bool = field(default=False, metadata={'help': 'freeze the projector (mlp1)'})
     unfreeze_vit_layers: int = field(default=0, metadata={
+        'help': 'as published: train backbone layers[N:] even with --freeze_backbone (negative N: the last -N '
+                'layers; 0: none)'})
+    unfreeze_last_vit_layers: int = field(default=0, metadata={
         'help': 'train the last N backbone layers even with --freeze_backbone'})
+    drop_path_rate: float = field(default=0.0, metadata={
+        'help': 'stochastic depth of the backbone, linear from 0 to this rate at the last layer (V1-2: 0.4)'})
 
 
 @dataclass
 class DataArguments:
-    data: list[str] = field(default_factory=list, metadata={'help': 'LLaVA-style .json/.jsonl files'})
-    image_root: str | None = field(default=None, metadata={'help': "image folder (default: each file's folder)"})
+    meta_path: str | None = field(default=None, metadata={
+        'help': 'the published meta file: {name: {root, annotation (.jsonl), data_augment, repeat_time, length, '
+                '[max_dynamic_patch]}}'})
+    data: list[str] = field(default_factory=list, metadata={'help': 'or LLaVA-style .json/.jsonl files'})
+    image_root: str | None = field(default=None, metadata={'help': "with --data: image folder (default: each "
+                                                                   "file's folder)"})
     max_seq_length: int = field(default=2048, metadata={'help': 'maximum tokens per sample'})
-    truncation: str = field(default='turns', metadata={
-        'help': "'turns': drop trailing rounds of over-long records; 'none': over-long records are bad"})
+    truncation: str = field(default='tokens', metadata={
+        'help': "'tokens' (published): cut at max_seq_length, a record whose images are cut off is bad; 'turns': "
+                "drop trailing rounds of over-long records; 'none': over-long records are bad"})
+    record_rules: str = field(default='published', metadata={
+        'help': "'published': read records as the published code does; 'strict': the project's stricter checks"})
+    group_by_length: bool = field(default=False, metadata={
+        'help': 'batch records of similar token length together (the published V1-2 recipe sets it), using the '
+                "lengths the dataset scan measured"})
     on_bad_record: str = field(default='skip', metadata={
         'help': "'skip' bad records (listed in output_dir/bad_records.jsonl) or stop with an 'error'"})
     dynamic_image_size: bool | None = field(default=None, metadata={'help': 'dynamic-resolution tiles'})
@@ -96,8 +124,12 @@ def build_model(model_args: ModelArguments, data_args: DataArguments):
         if model_args.vision_path or model_args.llm_path:
             raise ValueError('give either --model_name_or_path or --vision_path with --llm_path, not both')
         model = load_chat_model(model_args.model_name_or_path, dtype=model_args.model_dtype,
-                                attn_implementation=model_args.attn_implementation)
-        tokenizer = load_tokenizer(model_args.model_name_or_path, model)
+                                attn_implementation=model_args.attn_implementation,
+                                trust_remote_code=model_args.trust_remote_code)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model,
+                                   trust_remote_code=model_args.trust_remote_code)
+        if model_args.mlp_path:
+            load_projector(model, read_projector(model_args.mlp_path), source=model_args.mlp_path)
         ratio = overrides.pop('downsample_ratio', model.settings.downsample_ratio)
         if ratio != model.settings.downsample_ratio:
             raise ValueError(f'--down_sample_ratio {ratio} differs from the checkpoint\'s '
@@ -111,13 +143,17 @@ def build_model(model_args: ModelArguments, data_args: DataArguments):
     elif model_args.vision_path and model_args.llm_path:
         model, tokenizer = build_from_parts(model_args.vision_path, model_args.llm_path,
                                             settings=ChatSettings(**overrides),
-                                            projector=model_args.projector_path, dtype=model_args.model_dtype,
-                                            attn_implementation=model_args.attn_implementation)
+                                            projector=model_args.mlp_path, dtype=model_args.model_dtype,
+                                            attn_implementation=model_args.attn_implementation,
+                                            trust_remote_code=model_args.trust_remote_code)
     else:
         raise ValueError('no model: give --model_name_or_path CHAT_DIR, or --vision_path BACKBONE --llm_path LLM_DIR')
     counts = model.set_trainable(backbone=not model_args.freeze_backbone, llm=not model_args.freeze_llm,
                                  projector=not model_args.freeze_mlp,
-                                 unfreeze_backbone_last=model_args.unfreeze_vit_layers)
+                                 unfreeze_vit_layers=model_args.unfreeze_vit_layers,
+                                 unfreeze_backbone_last=model_args.unfreeze_last_vit_layers)
+    if model_args.drop_path_rate:
+        model.set_drop_path_rate(model_args.drop_path_rate)
     if not any(counts.values()):
         raise ValueError('every part is frozen: nothing to train')
     print_log('trainable parameters: ' + ', '.join(f'{k} {v:,}' for k, v in counts.items()), logger='current')
@@ -129,6 +165,15 @@ def _trainer_class():
 
     class ChatTrainer(Trainer):
         """Trainer whose model saves are InternVL-Chat directories in the published layout."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy == 'group_by_length' and hasattr(dataset, 'lengths'):
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+                # the scan's token counts: no pass over the data (which would decode every image) to measure them
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths=dataset.lengths)
+            return super()._get_train_sampler(train_dataset)
 
         def _save(self, output_dir: str | None = None, state_dict=None):
             output_dir = output_dir or self.args.output_dir
@@ -142,20 +187,26 @@ def _trainer_class():
 def run_sft(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
     """Fine-tune; returns metrics with the first and last logged training loss."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     if data_args.on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f'--on_bad_record must be one of {ON_BAD_RECORD}, got {data_args.on_bad_record!r}')
     if data_args.truncation not in TRUNCATION:
         raise ValueError(f'--truncation must be one of {TRUNCATION}, got {data_args.truncation!r}')
-    if not data_args.data:
-        raise ValueError('no training data: give --data FILE [FILE ...]')
+    if data_args.record_rules not in RECORD_RULES:
+        raise ValueError(f'--record_rules must be one of {RECORD_RULES}, got {data_args.record_rules!r}')
+    if bool(data_args.data) == bool(data_args.meta_path):
+        raise ValueError('give the training data as --meta_path META.json or as --data FILE [FILE ...] (not both)')
+    if data_args.meta_path and data_args.image_root:
+        raise ValueError('--image_root goes with --data; a meta file gives each dataset its root')
+    sources = load_meta_file(data_args.meta_path) if data_args.meta_path else data_args.data
     out = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume == 'latest':
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        resume = latest_complete_checkpoint(out)
         if resume is None:
-            raise FileNotFoundError(f'--resume_from_checkpoint latest: no checkpoint-* folder in {out}')
+            raise FileNotFoundError(f'--resume_from_checkpoint latest: no complete checkpoint-* folder in {out}')
+    if data_args.group_by_length:
+        training_args.train_sampling_strategy = 'group_by_length'
     if (out / 'config.json').exists() and not (data_args.overwrite_output or resume):
         raise FileExistsError(f'{out} already holds a model (config.json); pass --overwrite_output to replace it '
                               'or --resume_from_checkpoint latest to continue')
@@ -165,8 +216,8 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training_args)
 
     model, tokenizer = build_model(model_args, data_args)
     dataset = SFTDataset.for_model(
-        model, tokenizer, data_args.data, image_root=data_args.image_root, max_length=data_args.max_seq_length,
-        truncation=data_args.truncation, on_bad_record=data_args.on_bad_record,
+        model, tokenizer, sources, image_root=data_args.image_root, max_length=data_args.max_seq_length,
+        truncation=data_args.truncation, record_rules=data_args.record_rules, on_bad_record=data_args.on_bad_record,
         system_message=data_args.system_message, report_file=out / 'bad_records.jsonl')
     trainer = _trainer_class()(model=model, args=training_args, train_dataset=dataset,
                                data_collator=SFTCollator(tokenizer), processing_class=tokenizer)
@@ -179,6 +230,28 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training_args)
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
     print_log(f'SFT done: {json.dumps(metrics)}; model in {out}', logger='current')
     return metrics
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` folder that was written to the end, or None.
+
+    The Trainer writes ``trainer_state.json`` last, after the model (whose ``config.json`` this project writes
+    last) and the optimizer state; a folder without both is a save that was interrupted and is passed over.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    steps = []
+    for folder in out.iterdir():
+        match = re.fullmatch(r'checkpoint-(\d+)', folder.name)
+        if match and folder.is_dir():
+            steps.append((int(match.group(1)), folder))
+    for _, folder in sorted(steps, reverse=True):
+        if (folder / 'trainer_state.json').is_file() and (folder / 'config.json').is_file():
+            return str(folder)
+        print_log(f'{folder} is incomplete (no trainer_state.json or config.json: an interrupted save); '
+                  'skipped', logger='current', level=30)
+    return None
 
 
 def _deepspeed_config(argv: Sequence[str], json_args: dict) -> str | None:

@@ -83,3 +83,23 @@ def write_colour_dataset(out_dir: str | os.PathLike, copies: int = 2, image_size
     data = out / 'train.jsonl'
     data.write_text(''.join(json.dumps(line) + '\n' for line in lines))
     return data
+
+
+def build_tiny_sp_tokenizer(add_bos: bool = False, vocab_size: int = 160):
+    """A SentencePiece-style tokenizer (BPE over ``▁``-marked words, the word-start piece prepended to every
+    text, like LLaMA's and Yi's): ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<|im_start|>`` 3, ``<|im_end|>`` 4.
+    ``add_bos``: every encoding starts with ``<s>``, as LLaMA tokenizers do by default."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ['<unk>', '<s>', '</s>', '<|im_start|>', '<|im_end|>']
+    tok = Tokenizer(models.BPE(unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='always')
+    tok.decoder = decoders.Metaspace(replacement='▁', prepend_scheme='always')
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=list('\nabcdefghijklmnopqrstuvwxyz?.,:!<>/'))
+    tok.train_from_iterator(_CORPUS * 4 + ['user\nwhat', 'assistant\nthe', '<human>: hi <bot>: hello'], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
+                                                           special_tokens=[('<s>', 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>', eos_token='</s>',
+                                   pad_token='</s>')

@@ -1,20 +1,23 @@
-"""Tokenizer set-up for the chat model: the image tokens and the template's special tokens."""
+"""Tokenizer set-up for the chat model: the published added tokens and the template's special tokens."""
 from __future__ import annotations
 
 from .conversation import get_template
 from .model import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 IMAGE_TOKENS = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+# The tokens the published fine-tuning script adds to every LLM tokenizer, in its order: a model built from parts
+# gets the same ids for them as the published checkpoints.
+ADDED_TOKENS = IMAGE_TOKENS + ('<quad>', '</quad>', '<ref>', '</ref>', '<box>', '</box>')
 
 
 def prepare_tokenizer(tokenizer, template: str = 'Hermes-2', model=None) -> list[str]:
-    """Add ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` and the template's special tokens where missing.
+    """Add the published tokens (``ADDED_TOKENS``, in order) and then the template's special tokens where missing.
 
     With ``model`` (an ``InternVLChatModel``), the LLM's embedding matrix grows to cover the new ids (new rows are
     initialised by transformers from the mean of the old ones) and ``model.img_context_token_id`` is set.
     Returns the tokens added.
     """
-    wanted = list(IMAGE_TOKENS) + list(get_template(template).special_tokens)
+    wanted = list(ADDED_TOKENS) + list(get_template(template).special_tokens)
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
     if missing:

@@ -44,7 +44,8 @@ def conv(*turns, image=None, **extra):
 
 
 def dataset(path, tokenizer, **kwargs):
-    kwargs = {'num_image_token': N_TOKENS, 'tile_size': 28, 'system_message': 'be brief.', **kwargs}
+    kwargs = {'num_image_token': N_TOKENS, 'tile_size': 28, 'system_message': 'be brief.', 'record_rules': 'strict',
+              'truncation': 'turns', **kwargs}
     return SFTDataset(path, tokenizer, **kwargs)
 
 
@@ -81,12 +82,13 @@ def test_plain_template_and_text_only_record(images, tokenizer):
     assert not item['pixel_values'].any()
 
 
-def test_conversation_segments_mark_targets():
+def test_conversation_blocks_mark_targets():
     c = get_template('Hermes-2').conversation('sys')
     c.append(USER, 'q').append(ASSISTANT, 'a').append(USER, 'q2').append(ASSISTANT, None)
-    assert c.segments() == [('<|im_start|>system\nsys<|im_end|>', False), ('<|im_start|>user\nq<|im_end|>', False),
-                            ('<|im_start|>assistant\n', False), ('a<|im_end|>', True),
-                            ('<|im_start|>user\nq2<|im_end|>', False), ('<|im_start|>assistant\n', False)]
+    [block] = c.blocks()
+    assert block.text == ('<|im_start|>system\nsys<|im_end|><|im_start|>user\nq<|im_end|><|im_start|>assistant\n'
+                          'a<|im_end|><|im_start|>user\nq2<|im_end|><|im_start|>assistant\n')
+    assert [block.text[s:e] for s, e in block.targets] == ['a<|im_end|>']
     assert c.clean_answer(' blue <|im_end|> junk') == 'blue'
 
 

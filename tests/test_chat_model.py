@@ -109,18 +109,27 @@ def test_image_context_embeddings_are_the_projected_vision_tokens(base):
     assert not torch.allclose(a[0, -1], b[0, -1])
 
 
-def test_extract_feature_follows_select_layer(base):
-    model, _ = fresh(base, select_layer=-3)
+@pytest.mark.parametrize('select_layer,blocks', [(-3, 2), (2, 2), (0, 0), (-5, 0), (4, 4), (-1, 4), (1, 1)])
+def test_extract_feature_follows_select_layer(base, select_layer, blocks):
+    """select_layer indexes the published hidden_states (5 entries for 4 layers): 0 is the embedding output,
+    k >= 0 the output of k blocks, -k the k-th entry from the end."""
+    model, _ = fresh(base, select_layer=select_layer)
     pixels = torch.randn(1, 3, 56, 56)
+    vision = model.vision_model
     with torch.no_grad():
-        layer = model.vision_model.forward_intermediates(pixels, [1], output_format='tokens', with_cls=False)[0]
-        expected = model.mlp1(pixel_shuffle(layer.reshape(1, 4, 4, 64)).reshape(1, 4, 256))
-        assert torch.allclose(model.extract_feature(pixels), expected, atol=1e-6)
-        last = model.vision_model.forward_features(pixels)[:, 1:]
-        assert not torch.allclose(model.extract_feature(pixels),
-                                  model.mlp1(pixel_shuffle(last.reshape(1, 4, 4, 64)).reshape(1, 4, 256)))
-    with pytest.raises(ValueError, match='select_layer 4 is out of range for a 4-layer'):
-        InternVLChatModel(model.vision_model, model.language_model, ChatSettings(select_layer=4))
+        tokens = vision.embeddings(pixels)
+        for block in vision.encoder.layers[:blocks]:
+            tokens = block(tokens)
+        expected = model.mlp1(pixel_shuffle(tokens[:, 1:].reshape(1, 4, 4, 64)).reshape(1, 4, 256))
+        torch.testing.assert_close(model.extract_feature(pixels), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_select_layer_range(base):
+    model, _ = fresh(base)
+    with pytest.raises(ValueError, match='select_layer 5 is out of range for a 4-layer'):
+        InternVLChatModel(model.vision_model, model.language_model, ChatSettings(select_layer=5))
+    with pytest.raises(ValueError, match='select_layer -6 is out of range'):
+        InternVLChatModel(model.vision_model, model.language_model, ChatSettings(select_layer=-6))
 
 
 def test_context_token_count_mismatch_is_an_error(base):
@@ -225,7 +234,7 @@ def test_chat_generates_the_greedy_answer_and_keeps_history(base):
     model, tokenizer = fresh(base)
     pixels = torch.randn(1, 3, 56, 56)
     answer, history = model.chat(tokenizer, pixels, 'what colour is the square?',
-                                 dict(max_new_tokens=4, do_sample=False))
+                                 dict(max_new_tokens=4, do_sample=False), return_history=True)
     assert history == [('<image>\nwhat colour is the square?', answer)]
     prompt = model.build_prompt('<image>\nwhat colour is the square?', num_patches_list=[1])
     assert prompt.count(IMG_CONTEXT_TOKEN) == 4 and prompt.endswith('<|im_start|>assistant\n')
@@ -234,7 +243,8 @@ def test_chat_generates_the_greedy_answer_and_keeps_history(base):
     assert answer == tokenizer.decode(expected, skip_special_tokens=True).split('<|im_end|>')[0].strip()
     assert len(expected) > 0
 
-    answer2, history2 = model.chat(tokenizer, pixels, 'and the background?', dict(max_new_tokens=2), history=history)
+    answer2, history2 = model.chat(tokenizer, pixels, 'and the background?', dict(max_new_tokens=2), history=history,
+                                   return_history=True)
     assert len(history2) == 2 and history2[1] == ('and the background?', answer2)
     with pytest.raises(ValueError, match='adds up to 1 tiles but pixel_values has 2'):
         model.chat(tokenizer, torch.randn(2, 3, 56, 56), 'hi', num_patches_list=[1])

@@ -40,8 +40,9 @@ def sft_args(root, data, out, *extra):
 def test_short_sft_lowers_the_loss_and_respects_freezing(parts, tmp_path):
     root, backbone, data = parts
     out = tmp_path / 'sft'
+    # --unfreeze_vit_layers -1: layers[-1:], the published meaning
     metrics = sft_main(sft_args(root, data, out, '--max_steps', '16', '--freeze_backbone', 'True',
-                                '--unfreeze_vit_layers', '1'))
+                                '--unfreeze_vit_layers', '-1'))
     assert metrics['num_examples'] == 8 and metrics['num_bad_records'] == 0
     assert metrics['last_logged_loss'] < 0.85 * metrics['first_logged_loss'], metrics
 
@@ -55,7 +56,7 @@ def test_short_sft_lowers_the_loss_and_respects_freezing(parts, tmp_path):
     assert torch.equal(trained.vision_model.embeddings.patch_embedding.weight,
                        backbone.embeddings.patch_embedding.weight)
     answer, history = trained.chat(tokenizer, torch.zeros(1, 3, 56, 56), 'what colour is the square?',
-                                   dict(max_new_tokens=3))
+                                   dict(max_new_tokens=3), return_history=True)
     assert isinstance(answer, str) and history[0][1] == answer
 
     with pytest.raises(FileExistsError, match='already holds a model'):
@@ -68,6 +69,9 @@ def test_resume_continues_from_the_latest_checkpoint(parts, tmp_path):
     args = sft_args(root, data, out, '--save_strategy', 'steps', '--save_steps', '2', '--logging_steps', '1')
     sft_main(args + ['--max_steps', '2'])
     saved = load_chat_model(out / 'checkpoint-2')
+    # a newer save that was interrupted (no trainer_state.json) must be passed over
+    (out / 'checkpoint-3').mkdir()
+    (out / 'checkpoint-3' / 'config.json').write_text('{}')
     assert json.loads((out / 'checkpoint-2' / 'config.json').read_text())['architectures'] == ['InternVLChatModel']
     metrics = sft_main(args + ['--max_steps', '4', '--resume_from_checkpoint', 'latest'])
     state = json.loads((out / 'trainer_state.json').read_text())
@@ -77,7 +81,7 @@ def test_resume_continues_from_the_latest_checkpoint(parts, tmp_path):
     # the resumed run started from checkpoint-2's weights: step 3 moved them, so they differ from the final ones
     final = load_chat_model(out)
     assert not torch.equal(saved.mlp1[1].weight, final.mlp1[1].weight)
-    with pytest.raises(FileNotFoundError, match='no checkpoint-\\* folder'):
+    with pytest.raises(FileNotFoundError, match='no complete checkpoint-\\* folder'):
         sft_main(sft_args(root, data, tmp_path / 'empty', '--max_steps', '1', '--resume_from_checkpoint', 'latest'))
 
 
@@ -106,7 +110,10 @@ def test_deepspeed_configs_are_passed_through_without_importing_deepspeed(parts,
             {f'{k}.{kk}' for k, v in config.items() if isinstance(v, dict) for kk, vv in v.items() if vv == 'auto'}
         assert autos <= {'gradient_accumulation_steps', 'gradient_clipping', 'train_batch_size',
                          'train_micro_batch_size_per_gpu', 'bf16.enabled', 'fp16.enabled'}, autos
-    assert stages == {'zero_stage1.json': 1, 'zero_stage2.json': 2, 'zero_stage3.json': 3}
+    assert stages == {'zero_stage1.json': 1, 'zero_stage2.json': 2, 'zero_stage3.json': 3,
+                      'zero_stage3_config_34b.json': 3}
+    zero3_34b = json.loads((REPO / 'configs' / 'chat' / 'zero_stage3_config_34b.json').read_text())
+    assert zero3_34b['zero_optimization']['stage3_param_persistence_threshold'] == 1e5
     recipe = REPO / 'configs' / 'chat' / 'internvl_chat_v1_2_finetune.json'
     root, _, data = parts
     if 'deepspeed' not in sys.modules and not _has_deepspeed():
@@ -117,6 +124,7 @@ def test_deepspeed_configs_are_passed_through_without_importing_deepspeed(parts,
         [str(recipe), '--data', str(data), '--output_dir', str(tmp_path), '--deepspeed', '', '--use_cpu', 'True'])
     assert (training_args.learning_rate, training_args.weight_decay, data_args.max_seq_length) == (1e-5, 0.05, 2048)
     assert model_args.conv_style == 'Hermes-2' and training_args.activation_checkpointing
+    assert (model_args.drop_path_rate, data_args.group_by_length) == (0.4, True)
     assert 'deepspeed' not in sys.modules or _has_deepspeed()
 
 
@@ -178,3 +186,13 @@ def test_backbones_exported_by_the_tool_arrive_bit_identical(tmp_path):
     for k, v in chat.state_dict().items():  # projector and LLM untouched
         if not k.startswith('vision_model.'):
             assert torch.equal(replaced.state_dict()[k], v), k
+
+
+def test_v1_5_recipe_parses_with_the_published_values(parts, tmp_path):
+    _, _, data = parts
+    recipe = REPO / 'configs' / 'chat' / 'internvl_chat_v1_5_finetune.json'
+    model_args, data_args, training_args = parse_args(
+        [str(recipe), '--data', str(data), '--output_dir', str(tmp_path), '--deepspeed', '', '--use_cpu', 'True'])
+    assert (model_args.conv_style, model_args.trust_remote_code, model_args.ps_version) == ('internlm2-chat', True, 'v2')
+    assert (data_args.dynamic_image_size, data_args.use_thumbnail, data_args.max_dynamic_patch) == (True, True, 12)
+    assert (data_args.max_seq_length, training_args.learning_rate, model_args.drop_path_rate) == (4096, 2e-5, 0.4)

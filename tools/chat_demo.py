@@ -63,7 +63,8 @@ def chat_loop(args: argparse.Namespace) -> None:
         if not question:
             continue
         start = time.time()
-        answer, history = model.chat(tokenizer, pixel_values, question, generation, history=history)
+        answer, history = model.chat(tokenizer, pixel_values, question, generation, history=history,
+                                     return_history=True)
         print(f'Q: {question}\nA: {answer}\n({time.time() - start:.1f}s)', flush=True)
 
 
@@ -92,7 +93,7 @@ def tiny_quickstart(work_dir: str, steps: int) -> dict:
     correct = 0
     for colour in COLOURS:
         pixels = load_image(work / 'data' / 'images' / f'{colour}.png', model.image_size)
-        answer, _ = model.chat(tokenizer, pixels, 'what colour is the square?', dict(max_new_tokens=12))
+        answer = model.chat(tokenizer, pixels, 'what colour is the square?', dict(max_new_tokens=12))
         correct += answer == f'the square is {colour}.'
         print(f'{colour:>6} square -> {answer!r}', flush=True)
     print(f'loss {metrics["first_logged_loss"]:.3f} -> {metrics["last_logged_loss"]:.3f} in {steps} steps; '
