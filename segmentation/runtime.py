@@ -138,12 +138,37 @@ def tie_schedule_to_max_iters(cfg: Config) -> None:
             _note(f"{scheduler.get('type')}: end {planned} -> {actual} (follows train_cfg.max_iters)")
 
 
+def slurm_to_torch_env() -> None:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from Slurm's variables (as MMEngine's slurm launcher
+    sets them); MASTER_ADDR, when not set, is the first host of SLURM_NODELIST."""
+    missing = [k for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST') if k not in os.environ]
+    if missing:
+        raise RuntimeError(f'--launcher slurm needs {", ".join(missing)} in the environment: run it under srun '
+                           f'(tools/slurm_train.sh)')
+    os.environ['RANK'] = os.environ['SLURM_PROCID']
+    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+    os.environ.setdefault('MASTER_PORT', '29500')
+    if 'MASTER_ADDR' not in os.environ:
+        import subprocess
+        nodes = os.environ['SLURM_NODELIST']
+        try:
+            first = subprocess.run(['scontrol', 'show', 'hostnames', nodes], capture_output=True,
+                                   text=True).stdout.split()
+        except OSError:  # no scontrol here: a plain host list
+            first = []
+        os.environ['MASTER_ADDR'] = first[0] if first else nodes.split(',')[0]
+
+
 def init_distributed_without_cuda(launcher: str) -> None:
-    """MMEngine's pytorch launcher calls ``torch.cuda.set_device``; without CUDA the gloo group is made here."""
+    """MMEngine's pytorch and slurm launchers call ``torch.cuda.set_device``; without CUDA the gloo group is made
+    here (the slurm launcher's variables are translated first)."""
     if launcher == 'none' or torch.cuda.is_available():
         return
-    if launcher != 'pytorch':
-        raise RuntimeError(f'launcher {launcher!r} needs CUDA; on the CPU use --launcher pytorch (torchrun)')
+    if launcher not in ('pytorch', 'slurm'):
+        raise RuntimeError(f'launcher {launcher!r} needs CUDA; on the CPU use --launcher pytorch (torchrun) or slurm')
+    if launcher == 'slurm':
+        slurm_to_torch_env()
     import torch.distributed as torch_dist
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),

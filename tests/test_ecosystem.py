@@ -312,3 +312,57 @@ def test_tensorboard_switch_writes_event_files(tmp_path):
     visualizer.add_scalars({'loss': 1.5}, step=1)
     visualizer.close()
     assert list((tmp_path / 'vis').rglob('events.out.tfevents.*')) and (tmp_path / 'vis' / 'vis_data' / 'scalars.json').is_file()
+
+
+# --------------------------------------------------------------------------------------------- Slurm
+FAKE_SRUN = r'''#!/usr/bin/env bash
+# srun stand-in: records its arguments, starts --ntasks copies of the command with Slurm's variables set
+echo "$@" > "$SRUN_LOG"
+n=1
+while [ $# -gt 0 ]; do
+    case $1 in --ntasks=*) n=${1#--ntasks=}; shift;; -p) shift 2;; --*) shift;; *) break;; esac
+done
+pids=()
+for ((i = 0; i < n; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$n SLURM_NODELIST=127.0.0.1 "$@" > "$SRUN_LOG.$i" 2>&1 &
+    pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+exit $rc
+'''
+
+
+def test_slurm_train_script_and_launcher_with_two_gloo_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'srun').write_text(FAKE_SRUN)
+    (bin_dir / 'srun').chmod(0o755)
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    data_root = make_tiny_dataset(str(tmp_path / 'synth'), num_train=4, num_val=1, size=112)
+    options = as_cli(tiny_run_options(data_root, 2, batch_size=2, **{'param_scheduler.0.end': 1,
+                                                                      'param_scheduler.1.begin': 1}))
+    log_file = tmp_path / 'srun.log'
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'MASTER_', 'RANK', 'WORLD_SIZE'))}
+    env.update(PATH=f'{bin_dir}:{env["PATH"]}', SRUN_LOG=str(log_file), MASTER_PORT=str(port), OMP_NUM_THREADS='1',
+               PYTHON=sys.executable, PYTHONWARNINGS='ignore', GPUS_PER_NODE='2')
+    proc = subprocess.run(['bash', str(REPO / 'tools' / 'slurm_train.sh'), 'debug', 'tiny', QUICKSTART_CONFIG, '2',
+                           '--work-dir', str(tmp_path / 'work'), '--cfg-options', *options],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    rank0 = (tmp_path / 'srun.log.0').read_text()
+    assert proc.returncode == 0, rank0[-3000:] + (tmp_path / 'srun.log.1').read_text()[-2000:]
+    assert log_file.read_text().startswith('-p debug --job-name=tiny --gres=gpu:2 --ntasks=2 --ntasks-per-node=2')
+    assert 'Distributed launcher: slurm' in rank0 and 'GPU number: 2' in rank0  # MMEngine's name for world size
+    assert 'Iter(train) [2/2]' in rank0 and (tmp_path / 'work' / 'iter_2.pth').is_file()
+    # outside srun the launcher says what is missing
+    bad = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), QUICKSTART_CONFIG, '--launcher', 'slurm',
+                          '--work-dir', str(tmp_path / 'bad')], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and '--launcher slurm needs SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST' in bad.stderr

@@ -33,7 +33,8 @@ def parse_args(argv=None):
                         help="test-time augmentation: the config's tta_pipeline (multi-scale + flip) and tta_model")
     parser.add_argument('--out', help='also write the predicted label maps as <image name>.png here')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, help='override config keys')
-    parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none', help='job launcher')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='job launcher: pytorch under torchrun (dist_*.sh), slurm under srun (slurm_*.sh)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
