@@ -366,3 +366,33 @@ def test_slurm_train_script_and_launcher_with_two_gloo_processes(tmp_path):
                           '--work-dir', str(tmp_path / 'bad')], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and '--launcher slurm needs SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST' in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------- noise and README
+def test_no_mmcv_lite_deformable_attention_warning_and_placeholder_errors():
+    import subprocess
+    proc = subprocess.run([sys.executable, '-W', 'always', '-c', 'import backbones, mmseg.models, mmcv.cnn'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'Fail to import ``MultiScaleDeformableAttention``' not in proc.stderr
+    if getattr(sys.modules.get('mmcv.ops'), '__file__', '').endswith('compat.py'):  # the shim is in use here
+        from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttention
+        with pytest.raises(Exception, match='MultiScaleDeformableAttention'):
+            MultiScaleDeformableAttention()
+
+
+def test_readme_backbone_snippet_and_timm_keywords():
+    model = randomized('internvit_tiny')
+    images = torch.randn(2, 3, 56, 56)
+    # README: maps = model.forward_intermediates(images, [11, 23, 35, -1], output_format='nchw')
+    maps = model.forward_intermediates(images, [0, 1, 2, -1], output_format='nchw')
+    assert all(isinstance(m, torch.Tensor) and m.shape == (2, 64, 4, 4) for m in maps)
+    tokens = model.forward_features(images)
+    torch.testing.assert_close(maps[-1], tokens[:, 1:].transpose(1, 2).reshape(2, 64, 4, 4))
+    # timm's names: output_fmt='NCHW' / 'NLC', indices=n for the last n layers, None for all
+    timm_maps = model.forward_intermediates(images, indices=2, output_fmt='NCHW')
+    assert len(timm_maps) == 2 and torch.equal(timm_maps[1], maps[-1]) and torch.equal(timm_maps[0], maps[2])
+    nlc = model.forward_intermediates(images, output_fmt='NLC')
+    assert len(nlc) == 4 and torch.equal(nlc[-1], tokens)  # tokens keep the cls token by default
+    with pytest.raises(ValueError, match="output_format must be 'nchw' or 'tokens' \\(timm: 'NCHW', 'NLC'\\)"):
+        model.forward_intermediates(images, output_fmt='NHWC')
