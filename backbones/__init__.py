@@ -1,24 +1,16 @@
-"""InternViT backbones: the model, its weight layouts, and its registration in MMEngine's registries."""
-from .compat import ensure_mmcv_ops
+"""InternViT backbones, torch-only: the model, the architecture presets, the weight layouts and their readers/writers.
 
-ensure_mmcv_ops()  # before anything imports mmseg: mmcv-lite has no compiled ops
-
-from .internvit import InternViT, count_parameters  # noqa: E402
-from .pos_embed import resample_pos_embed  # noqa: E402
-from .presets import PRESETS, InternViTArch, resolve_arch, vit_forward_flops  # noqa: E402
-
-
-def _register() -> None:
-    # Registered in the root registry and mmseg's, so configs may say type='InternViT' with or without scope.
-    from mmengine.registry import MODELS as ROOT_MODELS
-    from mmseg.registry import MODELS as MMSEG_MODELS
-    for registry in (ROOT_MODELS, MMSEG_MODELS):
-        registry.register_module(name='InternViT', module=InternViT, force=True)
-
-
-_register()
-
-from .timm_models import register_timm_models  # noqa: E402
+Nothing here imports MMEngine, mmseg or mmcv; ``mm_adapter`` registers the model there. Modules, in import order:
+``presets`` (architectures as data), ``dtypes``, ``pos_embed``, ``layouts`` (weight name tables, canonical
+conversion), ``arch_config`` (architecture from a checkpoint, config.json for an architecture), ``reading`` (safe
+reading of files and directories), ``loading`` (strict load), ``internvit`` (the model), ``writing`` (exports),
+``atomic`` (atomic writes), ``hub`` (hub ids -> cached snapshots), ``run_config`` (the backbone of a run's stored
+config text), ``timm_models`` (the presets in timm's registry, registered on import when timm is installed).
+"""
+from .internvit import InternViT, count_parameters
+from .pos_embed import resample_pos_embed
+from .presets import PRESETS, InternViTArch, resolve_arch, vit_forward_flops
+from .timm_models import register_timm_models
 
 register_timm_models()  # timm.create_model('internvit_6b_224') etc.
 

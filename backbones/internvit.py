@@ -7,24 +7,26 @@ Parameter names follow the Hugging Face ``InternVisionModel`` layout exactly (``
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import asdict, replace
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath  # stochastic depth per sample, scaled by 1/keep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
-
 from .arch_config import arch_for_weights
 from .dtypes import as_dtype
-from .loading import load_into_model
+from .layouts import Weights
+from .loading import build_and_load, load_into_model
 from .pos_embed import resample_pos_embed
 from .presets import InternViTArch, resolve_arch
 from .reading import read_weights
+
+logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ('sdpa', 'eager', 'flash_attn')
 
@@ -52,24 +54,6 @@ NORM_TYPES = {'rms_norm': RMSNorm, 'layer_norm': nn.LayerNorm}
 
 def build_norm(arch: InternViTArch, dim: int) -> nn.Module:
     return NORM_TYPES[arch.norm_type](dim, eps=arch.norm_eps)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training."""
-
-    def __init__(self, prob: float = 0.0):
-        super().__init__()
-        self.prob = prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f'prob={self.prob}'
 
 
 class Embeddings(nn.Module):
@@ -195,14 +179,15 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(arch, rate, attn_impl) for rate in rates)
 
 
-class InternViT(BaseModule):
+class InternViT(nn.Module):
     """InternViT backbone.
 
     Args:
         preset: a name from ``PRESETS`` (``internvit_6b_224``, ``internvit_6b_448``, ``internvit_300m_448``, ...)
             or None to give every shape field (``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``) yourself.
         arch_overrides: any ``InternViTArch`` field, e.g. ``depth=45`` or ``img_size=448``.
-        pretrained: a checkpoint path in any layout ``backbones.reading.read_weights`` reads; loaded at construction
+        pretrained: a checkpoint path in any layout ``backbones.reading.read_weights`` reads (or its ``Weights``);
+            loaded at construction
             (except on the meta device). A file that loads nothing into the model is an error.
         out_indices: layers whose outputs ``forward`` returns (negative counts from the end); None returns
             ``forward_features`` (the final tokens).
@@ -215,7 +200,7 @@ class InternViT(BaseModule):
         grad_checkpointing: recompute each block in backward (activation checkpointing).
     """
 
-    def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | None = None,
+    def __init__(self, preset: str | InternViTArch | None = None, *, pretrained: str | Weights | None = None,
                  out_indices: Iterable[int] | None = None, output_format: str = 'nchw', with_cls: bool = False,
                  frozen: bool = False, dtype: str | torch.dtype | None = None, attn_impl: str = 'sdpa',
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, init_cfg=None,
@@ -231,7 +216,7 @@ class InternViT(BaseModule):
         self.compute_dtype = as_dtype(dtype)
         self.grad_checkpointing = grad_checkpointing
         self.drop_path_rate = drop_path_rate
-        self.pretrained = pretrained
+        self.pretrained = pretrained.source if isinstance(pretrained, Weights) else pretrained
 
         if init_cfg is not None:
             # MMEngine would apply it after construction, possibly over loaded weights, or ignore a bad path.
@@ -239,22 +224,27 @@ class InternViT(BaseModule):
                              f'pretrained=PATH, which is loaded and checked at construction')
 
         target = torch.get_default_device()
-        skip_init = pretrained is not None and target.type != 'meta'
-        # With pretrained weights, build without initializing (a 6B model's random init takes minutes and
-        # the strict load below overwrites every tensor), then allocate and load.
-        with torch.device('meta') if skip_init else contextlib.nullcontext():
-            self.embeddings = Embeddings(self.arch)
-            self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
-        if skip_init:
-            self.to_empty(device=target)
-            self.load_pretrained(pretrained)
+        if pretrained is not None and target.type != 'meta':
+            # Built without initializing (a 6B model's random init takes minutes and the strict load overwrites
+            # every tensor); each tensor is then allocated once, in the compute dtype, from the checkpoint.
+            weights = pretrained if isinstance(pretrained, Weights) else read_weights(pretrained)
+            build_and_load(lambda: self._build_modules(drop_path_rate, attn_impl), weights.state_dict,
+                           source=weights.source, dtype=self.compute_dtype, device=target)
+            logger.info(f'InternViT: loaded {len(weights.state_dict)} tensors from {weights.source} '
+                        f'({weights.layout} layout)')
         else:
+            self._build_modules(drop_path_rate, attn_impl)
             self._init_parameters()
             if pretrained is not None:
-                print_log(f'InternViT built on the meta device: {pretrained} is not loaded', logger='current')
+                logger.info(f'InternViT built on the meta device: {self.pretrained} is not loaded')
         self._apply_dtype_and_freeze()
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _build_modules(self, drop_path_rate: float, attn_impl: str) -> 'InternViT':
+        self.embeddings = Embeddings(self.arch)
+        self.encoder = Encoder(self.arch, drop_path_rate, attn_impl)
+        return self
+
     @property
     def depth(self) -> int:
         return len(self.encoder.layers)
@@ -295,8 +285,8 @@ class InternViT(BaseModule):
             self.train(False)
 
     def init_weights(self):
-        # Weights (pretrained or random) are set at construction; MMEngine's runner must not redo them.
-        self._is_init = True
+        """Nothing to do: weights (pretrained or random) are set at construction. Frameworks that call
+        ``init_weights()`` on every submodule after building (MMEngine's runner) must not redo them."""
 
     def train(self, mode: bool = True):
         return super().train(False if self.frozen else mode)
@@ -308,27 +298,22 @@ class InternViT(BaseModule):
         ``backbones.loading.load_into_model``)."""
         weights = read_weights(path)
         load_into_model(self, weights.state_dict, source=str(path), strict=strict)
-        print_log(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)',
-                  logger='current')
+        logger.info(f'InternViT: loaded {len(weights.state_dict)} tensors from {path} ({weights.layout} layout)')
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> 'InternViT':
+    def from_pretrained(cls, path: str, *, device: torch.device | str | None = None, **kwargs) -> 'InternViT':
         """Build the model a checkpoint describes (its HF config.json where there is one) and load its weights.
 
-        Keyword arguments go to the constructor (``frozen``, ``dtype``, ``out_indices``, ``img_size`` ...).
+        No random initialisation: the model is built on the meta device and each tensor is placed once, in
+        ``dtype`` on ``device`` (default: the current default device). Other keyword arguments go to the
+        constructor (``frozen``, ``dtype``, ``out_indices``, ``img_size`` ...).
         """
         weights = read_weights(path)
         arch_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in InternViTArch.__dataclass_fields__}
         arch = arch_for_weights(weights, num_heads=arch_fields.pop('num_heads', None))
         arch = replace(arch, **arch_fields) if arch_fields else arch
-        dtype = kwargs.pop('dtype', None)
-        frozen = kwargs.pop('frozen', False)
-        model = cls(arch, **kwargs)
-        load_into_model(model, weights.state_dict, source=str(path))
-        model.compute_dtype = as_dtype(dtype)
-        model.frozen = frozen
-        model._apply_dtype_and_freeze()
-        return model
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls(arch, pretrained=weights, **kwargs)
 
     def arch_dict(self) -> dict:
         return asdict(self.arch)

@@ -14,15 +14,19 @@ A new layout is one more entry in ``LAYOUTS``.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
-from mmengine.logging import print_log
 
-__all__ = ['Weights', 'WeightsError', 'LAYOUTS', 'Layout', 'CANONICAL_NAMES', 'detect_layout', 'to_canonical', 'from_canonical']
+logger = logging.getLogger(__name__)
+
+__all__ = ['Weights', 'WeightsError', 'LAYOUTS', 'Layout', 'CANONICAL_NAMES', 'detect_layout', 'to_canonical',
+           'from_canonical']
 
 POS_KEY = 'embeddings.position_embedding'
 
@@ -131,6 +135,7 @@ def _rules(layout: str) -> list[_Rule]:
 _RULE_CACHE: dict[str, list[_Rule]] = {}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # one load matches the same names several times
 def _match(key: str, layout: str):
     """(prefix, canonical name, part index, number of parts) for a layout key, or None."""
     for rule in _rules(layout):
@@ -193,8 +198,8 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     prefix, layout, selected, ignored = _plan(tensors)
     if ignored:
-        print_log(f'InternViT weights: ignored {len(ignored)} tensors outside the backbone: '
-                  f'{_describe_groups(ignored)}', logger='current')
+        logger.info(f'InternViT weights: ignored {len(ignored)} tensors outside the backbone: '
+                  f'{_describe_groups(ignored)}')
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, list] = {}
     for key in selected:
@@ -216,6 +221,14 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
                                f'{", ".join(names)} is missing')
         out[name] = torch.cat(parts, dim=0)
     return out, layout
+
+
+def as_canonical(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The state dict under canonical names: converted unless it already is (or holds no InternViT tensor at all,
+    which the caller then reports with its own context)."""
+    if _detect_or_none(state_dict) in (None, ('', 'hf')):
+        return state_dict
+    return to_canonical(state_dict)[0]
 
 
 def _split_names(canonical: str, layout: str, prefix: str = '') -> tuple[str, ...]:

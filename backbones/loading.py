@@ -1,16 +1,22 @@
 """Strict loading of a state dict (any layout) into an InternViT: everything is checked before anything is copied."""
 from __future__ import annotations
 
+import logging
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
-from mmengine.logging import print_log
+from torch import nn
 
-from .layouts import _LAYER_RE, POS_KEY, WeightsError, _detect_or_none, _few, _layer_indices, to_canonical
+from .dtypes import as_dtype
+from .layouts import _LAYER_RE, POS_KEY, WeightsError, _few, _layer_indices, as_canonical
 from .pos_embed import resample_pos_embed
+from .reading import is_file_view, release_pages
 
-__all__ = ['load_into_model']
+logger = logging.getLogger(__name__)
+
+__all__ = ['load_into_model', 'build_and_load']
+
 
 def _resample_to_grid(sd: dict[str, torch.Tensor], grid: int, source: str, dtype: torch.dtype | None = None):
     pos = sd.get(POS_KEY)
@@ -23,8 +29,7 @@ def _resample_to_grid(sd: dict[str, torch.Tensor], grid: int, source: str, dtype
     except ValueError as err:
         raise WeightsError(f'{source}: {POS_KEY}: {err}') from None
     old = math.isqrt(pos.shape[1] - 1)
-    print_log(f'{source}: position embedding resampled from a {old}x{old} to a {grid}x{grid} grid (bicubic)',
-              logger='current')
+    logger.info(f'{source}: position embedding resampled from a {old}x{old} to a {grid}x{grid} grid (bicubic)')
     sd[POS_KEY] = resampled.to(dtype or pos.dtype)
 
 
@@ -37,8 +42,8 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
         if strict:
             raise WeightsError(f'{source}: the checkpoint has {layers[-1] + 1} layers but the model has {depth}; '
                                f'pass strict=False to load the first {depth} and drop layers {depth}-{layers[-1]}')
-        print_log(f'{source}: dropped layers {depth}-{layers[-1]} of the checkpoint ({len(extra)} tensors); '
-                  f'the model has {depth} layers', logger='current')
+        logger.info(f'{source}: dropped layers {depth}-{layers[-1]} of the checkpoint ({len(extra)} tensors); '
+                  f'the model has {depth} layers')
         sd = {k: v for k, v in sd.items() if k not in set(extra)}
     loadable = [k for k in sd if k in expected]
     if not loadable:
@@ -59,24 +64,66 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
     if problems:
         if strict:
             raise WeightsError(f'{source}: ' + '; '.join(problems))
-        print_log(f'{source} (strict=False): ' + '; '.join(problems), logger='current', level=30)
+        logger.warning(f'{source} (strict=False): ' + '; '.join(problems))
     return {k: sd[k] for k in loadable}
 
 
-def load_into_model(model, state_dict: Mapping[str, torch.Tensor], *, source: str, strict: bool = True) -> None:
-    """Copy a (canonical, or any-layout) state dict into an ``InternViT``, resampling the position embedding.
+def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, strict: bool = True,
+                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> None:
+    """Load a (canonical, or any-layout) state dict into an ``InternViT``, resampling the position embedding.
 
     Everything is checked before anything is copied. ``strict=False`` drops layers beyond the model's depth and
     tolerates missing/unexpected tensors (logged); shape mismatches are always errors.
+
+    Parameters on the meta device (a model built by ``build_and_load``) get their tensor here, placed once in
+    ``dtype`` (default: the parameter's own) on ``device`` (default: the CPU): a memory-mapped safetensors tensor
+    that already has that dtype, on the CPU, becomes the parameter itself (a private copy-on-write view, as
+    ``safetensors.torch.load_file`` gives), any other is converted in one copy. Parameters that already exist
+    are copied into. Pages of memory-mapped checkpoint tensors are released as soon as they are copied.
     """
-    keys = list(state_dict)
-    if _detect_or_none(keys) not in (None, ('', 'hf')):
-        state_dict, _ = to_canonical(state_dict)
-    sd = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in as_canonical(state_dict).items() if isinstance(v, torch.Tensor)}
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     pos_param = params.get(POS_KEY)
     _resample_to_grid(sd, model.arch.grid_size, source, pos_param.dtype if pos_param is not None else None)
     sd = _check(sd, {k: v.shape for k, v in params.items()}, model.depth, source, strict)
+    dtype, device = as_dtype(dtype), torch.device(device if device is not None else 'cpu')
     with torch.no_grad():
         for name, tensor in sd.items():
-            params[name].copy_(tensor)
+            target = params[name]
+            if not target.is_meta:
+                target.copy_(tensor)
+                release_pages(tensor)
+            elif is_file_view(tensor) and tensor.dtype == (dtype or target.dtype) and device.type == 'cpu':
+                _place(model, name, tensor)  # already in place: a private copy-on-write view of the file
+            else:
+                _place(model, name, tensor.to(device=device, dtype=dtype or target.dtype, copy=True))
+                release_pages(tensor)
+    unloaded = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unloaded:
+        raise WeightsError(f'{source}: {len(unloaded)} tensors of a model built without initialisation are not in '
+                           f'the checkpoint: {_few(unloaded)}')
+
+
+def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` where the meta tensor ``name`` is (a parameter keeps its ``requires_grad``)."""
+    owner_name, _, attr = name.rpartition('.')
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=owner._parameters[attr].requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
+def build_and_load(build: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], *, source: str,
+                   dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                   strict: bool = True) -> nn.Module:
+    """Build a model on the meta device (no random initialisation) and load a checkpoint strictly into it.
+
+    ``build`` constructs the model (e.g. ``lambda: InternViT(arch)``); every tensor is then allocated once, in
+    ``dtype`` on ``device``, from the checkpoint (see ``load_into_model``). The one way the project turns weights
+    into a model: ``InternViT(pretrained=...)``, ``InternViT.from_pretrained``, chat and the export tool use it.
+    """
+    with torch.device('meta'):
+        model = build()
+    load_into_model(model, state_dict, source=source, strict=strict, dtype=dtype, device=device)
+    return model

@@ -17,19 +17,24 @@ the file is executed. Any other global is refused.
 from __future__ import annotations
 
 import json
+import logging
+import math
+import mmap
 import os
 import pickle
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from mmengine.logging import print_log
 
 from .arch_config import vision_config_of
 from .layouts import Weights, WeightsError, _describe_groups, _plan, to_canonical
 
-__all__ = ['read_weights', 'safe_torch_load', 'weight_files', 'read_tensors']
+logger = logging.getLogger(__name__)
+
+__all__ = ['read_weights', 'safe_torch_load', 'weight_files', 'read_tensors', 'release_pages']
 
 
 class _Opaque:
@@ -100,8 +105,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                 raise
             with torch.serialization.safe_globals([(_Opaque, n) for n in names]):
                 obj = torch.load(path, **kwargs)
-            print_log(f'{path}: non-tensor objects ({", ".join(sorted(names))}) were not unpickled '
-                      f'(replaced by inert stand-ins); tensors read with weights_only=True', logger='current')
+            logger.info(f'{path}: non-tensor objects ({", ".join(sorted(names))}) were not unpickled '
+                      f'(replaced by inert stand-ins); tensors read with weights_only=True')
             return obj
     except pickle.UnpicklingError as err:
         if not any(sign in str(err) for sign in _REFUSALS):
@@ -147,12 +152,103 @@ def _safetensors_keys(path: Path) -> list[str]:
 
 
 def _safetensors_read(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    """The named tensors as views of a private memory map of the file: nothing is read until a tensor is used."""
+    keys = list(keys)
     try:
-        with safe_open(str(path), framework='pt') as f:
-            return {k: f.get_tensor(k) for k in keys}
-    except Exception as err:
+        mapped = _map_safetensors(path)
+    except _UnmappableDtype:
+        mapped = None
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise _safetensors_error(path, err) from None
+    if mapped is None:  # a dtype torch.frombuffer cannot view (e.g. float8): safetensors' own reader copies
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as err:
+            raise _safetensors_error(path, err) from None
+    missing = [k for k in keys if k not in mapped]
+    if missing:
+        raise _safetensors_error(path, KeyError(f'no tensor named {", ".join(missing[:3])}'))
+    return {k: mapped[k] for k in keys}
+
+
+class _UnmappableDtype(Exception):
+    pass
+
+
+class _FileMapping(mmap.mmap):
+    """A private (copy-on-write) memory map of a weight file; a subclass so that it can be weakly referenced."""
+
+
+# Base address -> (mapping, size) of every live mapping, so that release_pages recognises views of one.
+_MAPPINGS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (8-byte header length, JSON header, data) as a view of one mapping."""
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        header_len = int.from_bytes(f.read(8), 'little')
+        if size < 8 or header_len > size - 8:
+            raise ValueError(f'header length {header_len} does not fit a file of {size} bytes')
+        header = json.loads(f.read(header_len))
+        specs = {k: v for k, v in header.items() if k != '__metadata__'}
+        if any(spec['dtype'] not in _SAFETENSORS_DTYPES for spec in specs.values()):
+            raise _UnmappableDtype
+        mapping = _FileMapping(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+    _MAPPINGS[base] = (weakref.ref(mapping), size)
+    weakref.finalize(mapping, _MAPPINGS.pop, base, None)
+    start = 8 + header_len
+    tensors = {}
+    for name, spec in specs.items():
+        dtype, shape = _SAFETENSORS_DTYPES[spec['dtype']], [int(d) for d in spec['shape']]
+        begin, end = (int(o) for o in spec['data_offsets'])
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize or not 0 <= begin <= end <= size - start:
+            raise ValueError(f'{name}: data offsets {begin}..{end} do not hold a {spec["dtype"]} tensor of shape '
+                             f'{shape} in a file of {size} bytes')
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start + begin).view(shape)
+    return tensors
+
+
+def _mapping_of(tensor: torch.Tensor):
+    """(mapping, base address) of the mapped weight file a CPU tensor is a view of, or None."""
+    if tensor.device.type != 'cpu':
+        return None
+    ptr = tensor.data_ptr()
+    for base, (ref, size) in list(_MAPPINGS.items()):
+        mapping = ref()
+        if mapping is not None and base <= ptr < base + size:
+            return mapping, base
+    return None
+
+
+def is_file_view(tensor: torch.Tensor) -> bool:
+    """Whether the tensor is a view of a memory-mapped safetensors file read by this module."""
+    return _mapping_of(tensor) is not None
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Let the OS drop this process's resident pages of a memory-mapped weight tensor after it has been copied.
+
+    Peak memory of a load then stays near the model's own size: the file remains in the page cache, and a later
+    use of the tensor reads it again. No-op for any tensor that is not a view of a mapped file; never call it on
+    a view that was written to (copy-on-write changes would be discarded).
+    """
+    found = _mapping_of(tensor) if hasattr(mmap, 'MADV_DONTNEED') else None
+    if found is None:
+        return
+    mapping, base = found
+    offset, page = tensor.data_ptr() - base, mmap.PAGESIZE
+    first = -(-offset // page) * page  # whole pages inside the tensor only
+    last = min(offset + tensor.numel() * tensor.element_size(), len(mapping)) // page * page
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _checkpoint_error(path: Path, err: WeightsError) -> WeightsError:
@@ -166,8 +262,7 @@ def _backbone_keys(keys: Iterable[str], path: Path, what: str = 'backbone') -> l
     except WeightsError as err:
         raise _checkpoint_error(path, err) from None
     if ignored:
-        print_log(f'{path}: ignored {len(ignored)} tensors outside the {what}: {_describe_groups(ignored)}',
-                  logger='current')
+        logger.info(f'{path}: ignored {len(ignored)} tensors outside the {what}: {_describe_groups(ignored)}')
     return selected
 
 
@@ -179,7 +274,7 @@ def _read_file(path: Path) -> Weights:
         checkpoint = safe_torch_load(path)
         everything, trail = _unwrap(checkpoint, path)
         if trail:
-            print_log(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}", logger='current')
+            logger.info(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}")
         try:
             tensors = {k: everything[k] for k in _backbone_keys(everything, path)}
         except WeightsError as err:
@@ -199,8 +294,8 @@ def _run_config_heads(checkpoint: Any, path: Path) -> dict | None:
     arch = arch_from_backbone_config(backbone) if backbone else None
     if arch is None:
         return None
-    print_log(f"{path}: {arch.num_heads} attention heads, from the run's config stored in the checkpoint "
-              f"(meta.cfg: InternViT preset {backbone.get('preset')!r})", logger='current')
+    logger.info(f"{path}: {arch.num_heads} attention heads, from the run's config stored in the checkpoint "
+              f"(meta.cfg: InternViT preset {backbone.get('preset')!r})")
     return {'num_attention_heads': arch.num_heads}
 
 
@@ -277,8 +372,8 @@ def _read_dir(directory: Path) -> Weights:
     selected = _backbone_keys(files, directory, 'vision backbone')
     shards = sorted({files[k].name for k in selected})
     if len(set(files.values())) > 1:
-        print_log(f'{directory}: reading {len(selected)} vision tensors from {len(shards)} of '
-                  f'{len(set(files.values()))} weight files', logger='current')
+        logger.info(f'{directory}: reading {len(selected)} vision tensors from {len(shards)} of '
+                  f'{len(set(files.values()))} weight files')
     sd, layout = to_canonical(read_tensors(files, selected))
     return Weights(sd, vision_config_of(config), layout, str(directory))
 

@@ -1,6 +1,8 @@
-"""Writing InternViT weights: HF ``InternVisionModel`` and native directories, and a chat checkpoint with new vision tensors."""
+"""Writing InternViT weights: HF ``InternVisionModel`` and native directories, a chat checkpoint with new vision
+tensors."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import replace
@@ -8,17 +10,26 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from mmengine.logging import print_log
 
 from .arch_config import _square, hf_config_from_arch, native_config_from_arch, vision_config_of
-from .atomic import _refuse_existing, _umask, atomic_dir, json_dump
+from .atomic import _refuse_existing, atomic_dir, atomic_path, json_dump
 from .dtypes import as_dtype
 from .internvit import InternViT
-from .layouts import (WeightsError, _canonical_names, _detect_or_none, _few, _layer_indices, _natural_key, _plan,
-                      from_canonical, to_canonical)
+from .layouts import (
+    WeightsError,
+    _canonical_names,
+    _few,
+    _layer_indices,
+    _natural_key,
+    _plan,
+    as_canonical,
+    from_canonical,
+)
 from .loading import _check, _resample_to_grid
 from .presets import InternViTArch
 from .reading import _checkpoint_error, _read_config, _safetensors_error, _tensor_specs, safe_torch_load, weight_files
+
+logger = logging.getLogger(__name__)
 
 __all__ = ['write_hf', 'write_hf_native', 'write_into_chat', 'save_safetensors_shards']
 
@@ -40,8 +51,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _prepare_export(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, image_size: int | None,
                     source: str) -> tuple[dict[str, torch.Tensor], InternViTArch]:
-    if _detect_or_none(state_dict) not in (None, ('', 'hf')):
-        state_dict, _ = to_canonical(state_dict)
+    state_dict = as_canonical(state_dict)
     target = replace(arch, img_size=int(image_size or arch.img_size))
     sd = dict(state_dict)
     _resample_to_grid(sd, target.grid_size, source)
@@ -51,36 +61,27 @@ def _prepare_export(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
 
 def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int,
                       metadata: dict | None = None) -> list[str]:
-    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the size."""
+    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the size.
+
+    The shards are huggingface_hub's (``split_torch_state_dict_into_shards``: in name order, a new file when the
+    next tensor would pass ``max_shard_bytes``), so the directory is what ``save_pretrained`` writes.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
-    names = sorted(tensors, key=_natural_key)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    ordered = {name: tensors[name] for name in sorted(tensors, key=_natural_key)}
+    split = split_torch_state_dict_into_shards(ordered, filename_pattern='model{suffix}.safetensors',
+                                               max_shard_size=max_shard_bytes)
     metadata = metadata or {'format': 'pt'}
-    if len(shards) == 1:
-        files = ['model.safetensors']
-    else:
-        files = [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
-    weight_map = {}
-    for file, shard in zip(files, shards):
+    files = list(split.filename_to_tensors)
+    for file, names in split.filename_to_tensors.items():
         # Each file under a temporary name first, so a directory written in place never holds half a file.
-        tmp = out / f'.{file}.tmp'
-        save_file({n: tensors[n].contiguous().clone() for n in shard}, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out / file)
-        weight_map.update({n: file for n in shard})
-        print_log(f'wrote {out.name}/{file} ({len(shard)} tensors)', logger='current')
+        with atomic_path(out / file) as tmp:
+            save_file({n: tensors[n].contiguous().clone() for n in names}, str(tmp), metadata=metadata)
+        logger.info(f'wrote {out.name}/{file} ({len(names)} tensors)')
     index = out / 'model.safetensors.index.json'
-    if len(shards) > 1:
+    if split.is_sharded:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        json_dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, index)
+        json_dump({'metadata': {'total_size': total}, 'weight_map': split.tensor_to_filename}, index)
         files.append(index.name)
     elif index.exists():
         index.unlink()  # a stale index from an earlier sharded save would point at the wrong files
@@ -106,8 +107,8 @@ def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_di
     with atomic_dir(out, overwrite) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
-    print_log(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
-              f'{config["torch_dtype"]})', logger='current')
+    logger.info(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
+              f'{config["torch_dtype"]})')
     return out
 
 
@@ -132,7 +133,7 @@ def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
     with atomic_dir(out, overwrite) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
-    print_log(f'wrote native InternVLVisionModel directory {out}', logger='current')
+    logger.info(f'wrote native InternVLVisionModel directory {out}')
     return out
 
 
@@ -173,9 +174,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
         raise _checkpoint_error(chat, err) from None
     grid = _square(vision['image_size'], 'image_size') // _square(vision['patch_size'], 'patch_size')
 
-    sd = dict(state_dict)
-    if _detect_or_none(sd) not in (None, ('', 'hf')):
-        sd, _ = to_canonical(sd)
+    sd = dict(as_canonical(state_dict))
     _resample_to_grid(sd, grid, source)
     new = from_canonical(sd, layout, prefix)
     specs = _tensor_specs(files, selected)
@@ -207,12 +206,11 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
             if item in touched:
                 _rewrite_weight_file(item, target, {k: new[k].to(specs[k][1]) for k in specs if files[k] == item})
                 shutil.copymode(item, target)
-                print_log(f'rewrote {rel} (vision tensors replaced)', logger='current')
+                logger.info(f'rewrote {rel} (vision tensors replaced)')
             else:
                 shutil.copyfile(item, target)  # follows symlinks (HF cache snapshots): a real copy
                 shutil.copystat(item, target)
-        print_log(f'copied {chat} with {len(specs)} vision tensors replaced in {len(touched)} weight file(s)',
-                  logger='current')
+        logger.info(f'copied {chat} with {len(specs)} vision tensors replaced in {len(touched)} weight file(s)')
     return out
 
 

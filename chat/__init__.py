@@ -7,11 +7,27 @@
 
 Training: ``tools/chat_sft.py`` (``chat.sft``). The vision model is ``backbones.InternViT``; nothing here copies it.
 """
-from .checkpoint import (ChatCheckpointError, build_from_parts, build_language_model, load_chat_model,
-                         load_tokenizer, read_chat_config, read_projector, save_chat_model)
+from .checkpoint import (
+    ChatCheckpointError,
+    build_from_parts,
+    build_language_model,
+    load_chat_model,
+    load_tokenizer,
+    read_chat_config,
+    read_projector,
+    save_chat_model,
+)
 from .conversation import TEMPLATES, Conversation, ConversationTemplate, get_template
-from .model import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, ChatSettings,
-                    InternVLChatModel, build_projector, pixel_shuffle)
+from .model import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    ChatSettings,
+    InternVLChatModel,
+    build_projector,
+    pixel_shuffle,
+)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, choose_grid, dynamic_tiles, load_image
 from .tokenization import prepare_tokenizer
 

@@ -12,12 +12,14 @@ A chat checkpoint directory holds::
 
 The vision tensors are read by ``backbones.reading.read_weights`` (the one reader of InternViT layouts), the
 LLM tensors by transformers' ``from_pretrained`` (``language_model.`` prefix mapped away), the projector by this
-module. Every file from outside is read as safetensors or with ``torch.load(weights_only=True)``. Saving writes a temporary directory next to the target and renames it at the
-end, and refuses an existing target unless ``overwrite=True``.
+module. Every file from outside is read as safetensors or with ``torch.load(weights_only=True)``. Saving writes a
+temporary directory next to the target and renames it at the end, and refuses an existing target unless
+``overwrite=True``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from mmengine.logging import print_log
 from torch import nn
 
 from backbones import InternViT
@@ -34,13 +35,15 @@ from backbones.arch_config import arch_for_weights, hf_config_from_arch
 from backbones.atomic import atomic_dir, json_dump
 from backbones.dtypes import as_dtype as _dtype
 from backbones.hub import local_path
-from backbones.loading import load_into_model
+from backbones.loading import build_and_load
 from backbones.reading import read_tensors, read_weights, safe_torch_load
 from backbones.reading import weight_files as weight_map
 from backbones.writing import save_safetensors_shards
 
 from .model import ChatSettings, InternVLChatModel
 from .tokenization import IMAGE_TOKENS, bind_tokenizer, prepare_tokenizer
+
+logger = logging.getLogger(__name__)
 
 VISION_PREFIX, PROJECTOR_PREFIX, LLM_PREFIX = 'vision_model.', 'mlp1.', 'language_model.'
 DEFAULT_SHARD_BYTES = 5 * 2 ** 30
@@ -168,16 +171,9 @@ def build_language_model(llm_config, checkpoint_dir: str | os.PathLike | None = 
 
 
 def _build_vision(weights, source: str, dtype: torch.dtype | None) -> InternViT:
-    """An InternViT shaped by the checkpoint, its parameters allocated without a random init, then loaded."""
+    """An InternViT shaped by the checkpoint, built without a random init, each tensor placed once in ``dtype``."""
     arch = arch_for_weights(weights)
-    with torch.device('meta'):
-        vision = InternViT(arch)
-    if dtype is not None:
-        vision.to(dtype)
-    vision.to_empty(device='cpu')
-    # Strict: every parameter is overwritten (to_empty leaves memory uninitialised).
-    load_into_model(vision, weights.state_dict, source=source, strict=True)
-    return vision
+    return build_and_load(lambda: InternViT(arch), weights.state_dict, source=source, dtype=dtype)
 
 
 def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation: str = 'sdpa',
@@ -198,7 +194,7 @@ def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation:
         message = f'{root}: {len(other)} tensors outside vision_model./mlp1./language_model.: {", ".join(other[:5])}'
         if strict:
             raise ChatCheckpointError(message + ' (pass strict=False to ignore them)')
-        print_log(message + ' (ignored)', logger='current', level=30)
+        logger.warning(message + ' (ignored)')
     for prefix, keys in groups.items():
         if not keys:
             raise ChatCheckpointError(f'{root} has no {prefix}* tensors: not a complete InternVL-Chat checkpoint')
@@ -210,9 +206,9 @@ def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation:
     load_projector(model, _strip(read_tensors(files, groups[PROJECTOR_PREFIX]), PROJECTOR_PREFIX), source=str(root))
     model.to(dtype)
     model.eval()
-    print_log(f'loaded InternVL-Chat from {root}: vision {vision.depth} layers x {vision.embed_dim}, '
+    logger.info(f'loaded InternVL-Chat from {root}: vision {vision.depth} layers x {vision.embed_dim}, '
               f'LLM {type(llm).__name__}, {model.num_image_token} tokens per {model.image_size}px tile, '
-              f'template {settings.template}, {dtype}', logger='current')
+              f'template {settings.template}, {dtype}')
     return model
 
 
@@ -317,7 +313,7 @@ def build_from_parts(backbone: str | os.PathLike | InternViT, llm: str | os.Path
     model = InternVLChatModel(vision, language_model, settings)
     added = prepare_tokenizer(tokenizer, settings.template, model)
     if added:
-        print_log(f'added tokens {", ".join(added)} to the tokenizer ({len(tokenizer)} tokens)', logger='current')
+        logger.info(f'added tokens {", ".join(added)} to the tokenizer ({len(tokenizer)} tokens)')
     if projector is not None:
         load_projector(model, read_projector(projector), source=str(projector))
     if dtype is not None:
@@ -426,6 +422,5 @@ def save_chat_model(model: InternVLChatModel, out_dir: str | os.PathLike, *, tok
     else:
         with atomic_dir(out, overwrite) as tmp:
             write(tmp)
-    print_log(f'wrote InternVL-Chat checkpoint {out} ({len(tensors)} tensors, {config["torch_dtype"]})',
-              logger='current')
+    logger.info(f'wrote InternVL-Chat checkpoint {out} ({len(tensors)} tensors, {config["torch_dtype"]})')
     return out

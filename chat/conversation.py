@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 INTERNVL_SYSTEM_MESSAGE = ('你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, '
                            '是一个有用无害的人工智能助手。')
 HERMES2_SYSTEM_MESSAGE = INTERNVL_SYSTEM_MESSAGE
-INTERNVL2_5_SYSTEM_MESSAGE = ('你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的'
+INTERNVL2_5_SYSTEM_MESSAGE = ('你是书生·万象，英文名是InternVL，'  # the published text, split only for line length
+                              '是由上海人工智能实验室、清华大学及多家合作单位联合开发的'
                               '多模态大语言模型。')
 
 STYLES = ('chatml', 'internvl_zh')

@@ -34,6 +34,7 @@ fails to decode during training is a bad record too. ``on_bad_record='skip'`` le
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -41,13 +42,16 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from mmengine.logging import print_log
 from PIL import Image
+
+from backbones.atomic import atomic_write
 
 from .conversation import ASSISTANT, USER, get_template
 from .model import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, image_token_text
 from .preprocess import count_tiles, load_image
 from .tokenization import pad_token_id
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ROLES = {'human': USER, 'user': USER, 'gpt': ASSISTANT, 'assistant': ASSISTANT}
@@ -527,7 +531,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 'pixel_values': pixel_values, 'image_flags': image_flags}
 
     def _add_bad_record_during_training(self, bad: BadRecord) -> None:
-        print_log(f'bad record (skipped): {bad}', logger='current', level=30)
+        logger.warning(f'bad record (skipped): {bad}')
         self.bad_records.append(bad)
         if self.report_file is not None:  # appended: the scan wrote the file; a worker process adds its finds
             with self.report_file.open('a', encoding='utf-8') as f:
@@ -545,22 +549,18 @@ class SFTDataset(torch.utils.data.Dataset):
         cut = [ex for ex in self.examples if ex.truncated_tokens]
         if cut:
             message += f', {len(cut)} cut at max_length {self.max_length} tokens'
-        print_log(message, logger='current')
+        logger.info(message)
         if self.bad_records:
             reasons = Counter(b.reason.split(':')[0] for b in self.bad_records)
-            print_log('bad records by reason: ' + ', '.join(f'{r} ({n})' for r, n in reasons.most_common()),
-                      logger='current', level=30)
+            logger.warning('bad records by reason: ' + ', '.join(f'{r} ({n})' for r, n in reasons.most_common()))
             for bad in self.bad_records[:20]:
-                print_log(f'bad record: {bad}', logger='current', level=30)
+                logger.warning(f'bad record: {bad}')
             if len(self.bad_records) > 20:
-                print_log(f'... and {len(self.bad_records) - 20} more bad records'
-                          + (f' (all in {report_file})' if report_file else ''), logger='current', level=30)
+                logger.warning(f'... and {len(self.bad_records) - 20} more bad records'
+                          + (f' (all in {report_file})' if report_file else ''))
         if report_file is not None:
             path = Path(report_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f'.{path.name}.tmp')
-            tmp.write_text(''.join(json.dumps(b.to_json(), ensure_ascii=False) + '\n' for b in self.bad_records))
-            os.replace(tmp, path)
+            atomic_write(path, ''.join(json.dumps(b.to_json(), ensure_ascii=False) + '\n' for b in self.bad_records))
         if not self.examples:
             first = self.bad_records[0] if self.bad_records else '-'
             raise ValueError(f'no usable SFT records in {", ".join(map(str, files))} '

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -28,12 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from mmengine.logging import print_log
-
-from .checkpoint import (build_from_parts, load_chat_model, load_projector, load_tokenizer, read_projector,
-                         save_chat_model)
+from .checkpoint import (
+    build_from_parts,
+    load_chat_model,
+    load_projector,
+    load_tokenizer,
+    read_projector,
+    save_chat_model,
+)
 from .data import ON_BAD_RECORD, RECORD_RULES, TRUNCATION, SFTCollator, SFTDataset, load_meta_file
 from .model import ChatSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,8 +143,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments):
                              f'{model.settings.downsample_ratio}: the projector input width would not match')
         for name, value in overrides.items():
             if getattr(model.settings, name) != value:
-                print_log(f'setting {name}: {getattr(model.settings, name)!r} -> {value!r} (command line)',
-                          logger='current')
+                logger.info(f'setting {name}: {getattr(model.settings, name)!r} -> {value!r} (command line)')
                 setattr(model.settings, name, value)
         ChatSettings(**model.settings.to_config())  # re-validate
     elif model_args.vision_path and model_args.llm_path:
@@ -156,7 +162,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments):
         model.set_drop_path_rate(model_args.drop_path_rate)
     if not any(counts.values()):
         raise ValueError('every part is frozen: nothing to train')
-    print_log('trainable parameters: ' + ', '.join(f'{k} {v:,}' for k, v in counts.items()), logger='current')
+    logger.info('trainable parameters: ' + ', '.join(f'{k} {v:,}' for k, v in counts.items()))
     return model, tokenizer
 
 
@@ -228,7 +234,7 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training_args)
     metrics = dict(result.metrics, num_examples=len(dataset), num_bad_records=len(dataset.bad_records))
     if losses:
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
-    print_log(f'SFT done: {json.dumps(metrics)}; model in {out}', logger='current')
+    logger.info(f'SFT done: {json.dumps(metrics)}; model in {out}')
     return metrics
 
 
@@ -249,8 +255,8 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     for _, folder in sorted(steps, reverse=True):
         if (folder / 'trainer_state.json').is_file() and (folder / 'config.json').is_file():
             return str(folder)
-        print_log(f'{folder} is incomplete (no trainer_state.json or config.json: an interrupted save); '
-                  'skipped', logger='current', level=30)
+        logger.warning(f'{folder} is incomplete (no trainer_state.json or config.json: an interrupted save); '
+                  'skipped')
     return None
 
 
@@ -295,6 +301,8 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    if not logging.getLogger().handlers:  # a command-line run: show the progress lines of chat and backbones
+        logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
     return run_sft(*parse_args(argv))
 
 

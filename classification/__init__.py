@@ -1,20 +1,36 @@
 """ImageNet linear probes on a frozen InternViT (MMEngine): model and sweep, feature cache, datasets, metrics.
 
 Importing the package registers everything in MMEngine's root registries (configs use
-``custom_imports=dict(imports=['backbones', 'classification'])``).
+``custom_imports=dict(imports=['mm_adapter', 'classification'])``).
 """
-import backbones  # noqa: F401  (registers InternViT; installs the mmcv shim first)
+import mm_adapter  # noqa: F401  (registers InternViT in MMEngine's registry)
 
 from .backbone_identity import backbone_identity, weights_sha256
-from .datasets import (DatasetLayoutError, HeldOutSplit, ImageNetFileList, ImageNetFolder, ImageNetReaL,
-                       ImageNetV2Folder, ImageReadError, probe_collate, read_class_list, stratified_holdout)
+from .datasets import (
+    DatasetLayoutError,
+    HeldOutSplit,
+    ImageNetFileList,
+    ImageNetFolder,
+    ImageNetReaL,
+    ImageNetV2Folder,
+    ImageReadError,
+    probe_collate,
+    read_class_list,
+    stratified_holdout,
+)
 from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
 from .heads import FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
 from .hooks import FeatureCacheHook, HeadSelectionHook
 from .loops import MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
-from .model import (DEFAULT_SWEEP_FEATURES, DEFAULT_SWEEP_LRS, BackboneMismatchError, LinearProbe,
-                    ProbeDataPreprocessor, probe_record)
+from .model import (
+    DEFAULT_SWEEP_FEATURES,
+    DEFAULT_SWEEP_LRS,
+    BackboneMismatchError,
+    LinearProbe,
+    ProbeDataPreprocessor,
+    probe_record,
+)
 from .optim import LinearProbeOptimWrapperConstructor
 from .runner import ProbeRunner, apply_sweep_switch
 from .transforms import ProbeEvalTransform, ProbeTrainTransform

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from backbones.atomic import json_dump
 
 
 def cache_path() -> Path:
@@ -63,10 +64,7 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, cache: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.backbone_sha256.', suffix='.tmp')
-        with os.fdopen(fd, 'w') as f:
-            json.dump(cache, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: concurrent ranks each write a complete file
+        json_dump(cache, path, indent=1, sort_keys=True, ensure_ascii=True)  # concurrent ranks: each file complete
     except OSError:
         pass  # read-only home: hashing still works, just uncached
 

@@ -30,6 +30,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import DATASETS
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from backbones.atomic import json_dump
+
 from .datasets import probe_collate
 from .transforms import describe_pipeline
 
@@ -42,10 +44,7 @@ class StaleFeatureCacheError(RuntimeError):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    json_dump(obj, path, indent=1, sort_keys=True, ensure_ascii=True)
 
 
 def manifest_differences(cached: dict, expected: dict) -> list[str]:

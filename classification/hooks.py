@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import tempfile
 
 import torch
 from mmengine.dist import all_reduce, is_main_process
@@ -13,6 +11,8 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+
+from backbones.atomic import json_dump
 
 from .datasets import HeldOutSplit
 from .feature_cache import prepare_feature_caches
@@ -45,9 +45,9 @@ class FeatureCacheHook(Hook):
 class HeadSelectionHook(Hook):
     """Scores every head on a held-out part of the training split and makes the best one the model's prediction
     head, when the model is a sweep (``model.sweep=True``; the single head has nothing to choose and, under
-    ``ProbeRunner``, no held-out data). Runs after each ``interval``-th epoch and after the last, before the CheckpointHook (priority
-    VERY_LOW) saves that epoch, so each checkpoint carries its selection. Never sees an evaluation set: its
-    dataloader should be a ``HeldOutSplit(part='heldout')`` of the training data.
+    ``ProbeRunner``, no held-out data). Runs after each ``interval``-th epoch and after the last, before the
+    CheckpointHook (priority VERY_LOW) saves that epoch, so each checkpoint carries its selection. Never sees an
+    evaluation set: its dataloader should be a ``HeldOutSplit(part='heldout')`` of the training data.
 
     Args:
         dataloader: the held-out dataloader config; None reads the config's top-level ``heldout_dataloader``
@@ -137,7 +137,4 @@ class HeadSelectionHook(Hook):
                   + ', '.join(f'{heads[i]["name"]} {float(top1[i]):.2f}' for i in ranking), logger='current')
         if is_main_process():
             path = os.path.join(runner.work_dir, 'heldout_selection.json')
-            fd, tmp = tempfile.mkstemp(dir=runner.work_dir, prefix='.heldout_selection.', suffix='.tmp')
-            with os.fdopen(fd, 'w') as f:
-                json.dump(model.selection, f, indent=1)
-            os.replace(tmp, path)
+            json_dump(model.selection, path, indent=1, ensure_ascii=True)

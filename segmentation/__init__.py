@@ -11,24 +11,21 @@ them up without scope):
 - ``IoUTableMetric``: mmseg's IoUMetric + the per-class table as CSV/JSON next to the log;
 - hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``;
 
-and makes MMEngine's local checkpoint writes atomic (``segmentation.atomic_io``).
 """
-import backbones  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)
+import mm_adapter  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)
 
-from .atomic_io import install_atomic_local_backend  # noqa: E402
-from .datasets import (CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticADE20KDataset,  # noqa: E402
-                       few_shot_subset)
+from .datasets import CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticADE20KDataset, few_shot_subset  # noqa: E402
 from .fsdp import InternViTBlockFSDP  # noqa: E402
 from .heads import LinearBNHead  # noqa: E402
 from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
 from .metrics import IoUTableMetric  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
+from mm_adapter.compat import trust_checkpoints_in  # noqa: E402
 
-install_atomic_local_backend()
 # Checkpoints read outside tools/train.py (mmseg.apis.init_model, MMSegInferencer, tools/image_demo.py) load weights
-# only; a training entry point later trusts its own work dir for resuming (backbones.compat.trust_checkpoints_in).
-backbones.compat.trust_checkpoints_in(None)
+# only; a training entry point later trusts its own work dir for resuming (mm_adapter.compat.trust_checkpoints_in).
+trust_checkpoints_in(None)
 
 __all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
            'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',

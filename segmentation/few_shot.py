@@ -12,9 +12,10 @@ import argparse
 import os
 import os.path as osp
 import sys
-import tempfile
 from fractions import Fraction
 from typing import Iterable, List
+
+from backbones.atomic import atomic_write
 
 from .datasets import few_shot_subset
 
@@ -44,10 +45,7 @@ def write_split_files(stems: Iterable[str], out_dir: str, seed: int = 0, fractio
         if osp.exists(path) and not overwrite:
             raise FileExistsError(f'{path} exists; pass --overwrite to replace it')
         subset = few_shot_subset(stems, float(fraction), seed)
-        fd, tmp = tempfile.mkstemp(prefix='.split-', dir=out_dir)
-        with os.fdopen(fd, 'w') as f:
-            f.write('\n'.join(subset) + '\n')
-        os.replace(tmp, path)
+        atomic_write(path, '\n'.join(subset) + '\n')
         paths.append(path)
         print(f'{path}: {len(subset)} of {len(stems)} images')
     return paths

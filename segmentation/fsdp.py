@@ -19,18 +19,19 @@ from functools import partial
 from typing import Optional
 
 import torch
+from mmengine.logging import print_log
 from mmengine.model.wrappers import MMFullyShardedDataParallel
 from torch import nn
-from torch.distributed.fsdp import (BackwardPrefetch, FullyShardedDataParallel, MixedPrecision,
-                                    ShardingStrategy)
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                         apply_activation_checkpointing,
-                                                                         checkpoint_wrapper)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from torch.distributed.fsdp import BackwardPrefetch, FullyShardedDataParallel, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import CustomPolicy
 
 from backbones.dtypes import as_dtype
 from backbones.internvit import Block, InternViT
-from mmengine.logging import print_log
 
 from ._registry import register_everywhere
 

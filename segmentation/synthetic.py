@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from backbones.atomic import atomic_dir
 
 CLASSES = ('sky', 'grass', 'water', 'sand', 'brick')
 PALETTE = [[135, 190, 235], [60, 150, 50], [30, 90, 170], [210, 190, 130], [160, 60, 40]]
@@ -91,14 +91,12 @@ def write_synthetic_ade20k(out_dir: str, num_train: int = 200, num_val: int = 40
     An existing ``out_dir`` is an error unless ``overwrite`` is set.
     """
     out_dir = osp.abspath(out_dir)
-    if osp.exists(out_dir) and not overwrite:
+    if osp.exists(out_dir) and not overwrite:  # before any work (atomic_dir checks again at the end)
         raise FileExistsError(f'{out_dir} already exists; pass overwrite=True (--overwrite) to replace it')
     if num_train < 1 or num_val < 1 or size < 28:
         raise ValueError(f'need num_train >= 1, num_val >= 1, size >= 28; got {num_train}, {num_val}, {size}')
-    parent = osp.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{osp.basename(out_dir)}.partial-', dir=parent)
-    try:
+    with atomic_dir(out_dir, overwrite) as staging_path:
+        staging = str(staging_path)
         for split, count in zip(SPLITS, (num_train, num_val)):
             os.makedirs(osp.join(staging, 'images', split))
             os.makedirs(osp.join(staging, 'annotations', split))
@@ -110,14 +108,4 @@ def write_synthetic_ade20k(out_dir: str, num_train: int = 200, num_val: int = 40
         with open(osp.join(staging, 'dataset.json'), 'w') as f:
             json.dump(dict(classes=CLASSES, palette=PALETTE, label_values='0 = unlabeled (ignored), 1..5 = classes',
                            num_train=num_train, num_val=num_val, size=size, seed=seed), f, indent=1)
-        if osp.exists(out_dir):
-            previous = tempfile.mkdtemp(prefix=f'.{osp.basename(out_dir)}.old-', dir=parent)
-            os.replace(out_dir, osp.join(previous, 'data'))
-            os.replace(staging, out_dir)
-            shutil.rmtree(previous)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

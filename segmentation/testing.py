@@ -1,8 +1,8 @@
 """Small helpers shared by the segmentation tests and the benchmark: tiny datasets and tiny-run config overrides."""
 from __future__ import annotations
 
-import os.path as osp
 import contextlib
+import os.path as osp
 from typing import Any, Dict, List
 
 QUICKSTART_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'segmentation',

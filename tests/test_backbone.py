@@ -117,7 +117,7 @@ def test_forward_matches_reference(preset, attn_impl, hw):
 
 def test_layer_scale_and_drop_path_schedule():
     model = tiny(drop_path_rate=0.3)
-    probs = [blk.drop_path.prob for blk in model.layers]
+    probs = [blk.drop_path.drop_prob for blk in model.layers]
     assert probs == pytest.approx(torch.linspace(0, 0.3, 4).tolist())
     assert torch.all(model.layers[0].ls1 == 0.1)
     x = torch.randn(4, 3, 28, 28)
@@ -251,12 +251,19 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
 
 
-def test_registered_in_root_and_mmseg_registries():
-    from mmengine.registry import MODELS as ROOT
-    from mmseg.registry import MODELS as MMSEG
-    for registry in (ROOT, MMSEG):
-        model = registry.build(dict(type='InternViT', preset='internvit_tiny', out_indices=[1], frozen=True))
-        assert isinstance(model, InternViT) and model.frozen and model.out_indices == [1]
+def test_grad_checkpointing_recomputes_every_block_in_backward():
+    x = torch.randn(2, 3, 28, 28)
+    for ckpt, expected in ((False, 1), (True, 2)):  # checkpointed blocks run again during backward
+        model = tiny(grad_checkpointing=ckpt).train()
+        calls = [0] * model.depth
+        for i, block in enumerate(model.layers):
+            block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        model.forward_features(x).pow(2).mean().backward()
+        assert calls == [expected] * model.depth, (ckpt, calls)
+        calls[:] = [0] * model.depth
+        with torch.no_grad():  # nothing to recompute without gradients
+            model.forward_intermediates(x, [-1])
+        assert calls == [1] * model.depth
 
 
 def test_unknown_dtype_and_attention_are_errors():
@@ -296,3 +303,30 @@ def test_pretrained_is_loaded_at_construction_without_random_init(tmp_path, monk
     torch.testing.assert_close(model.forward_features(x), source.forward_features(x).detach())
     with pytest.raises(Exception, match='does not exist|not found|No such'):
         InternViT('internvit_tiny', pretrained=str(tmp_path / 'nothing_here'))
+
+
+# timm's functions replace the project's own only where they do exactly the same: these are the replaced definitions.
+def test_timm_resample_abs_pos_embed_is_the_published_resampling():
+    import torch.nn.functional as F
+    for dtype, (side, h, w) in ((torch.float32, (4, 5, 3)), (torch.bfloat16, (16, 36, 36)), (torch.float32, (6, 4, 4))):
+        pos = torch.randn(1, 1 + side * side, 8).to(dtype)
+        grid = pos[:, 1:].float().reshape(1, side, side, 8).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)  # no antialias, float32
+        expected = torch.cat([pos[:, :1], grid.reshape(1, 8, h * w).permute(0, 2, 1).to(dtype)], dim=1)
+        assert torch.equal(resample_pos_embed(pos, (h, w)), expected)
+    with pytest.raises(ValueError, match='5 patch entries, which is not a square grid'):
+        resample_pos_embed(torch.zeros(1, 6, 8), (2, 2))
+
+
+def test_timm_drop_path_is_per_sample_stochastic_depth():
+    from timm.layers import DropPath
+    x = torch.randn(6, 5, 4)
+    for prob in (0.0, 0.25, 0.9):
+        torch.manual_seed(0)
+        got = DropPath(prob).train()(x)
+        torch.manual_seed(0)
+        keep = 1.0 - prob
+        mask = x.new_empty((6, 1, 1)).bernoulli_(keep)
+        assert torch.equal(got, x * mask.div_(keep)), prob
+        assert torch.equal(DropPath(prob).eval()(x), x)
+

@@ -6,9 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chat import (ChatCheckpointError, ChatSettings, IMG_CONTEXT_TOKEN, build_from_parts, load_chat_model,
-                  load_tokenizer, pixel_shuffle, save_chat_model)
-from chat import InternVLChatModel
+from chat import (
+    IMG_CONTEXT_TOKEN,
+    ChatCheckpointError,
+    ChatSettings,
+    InternVLChatModel,
+    build_from_parts,
+    load_chat_model,
+    load_tokenizer,
+    pixel_shuffle,
+    save_chat_model,
+)
 from chat.tiny import build_tiny_parts
 
 

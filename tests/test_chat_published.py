@@ -177,7 +177,8 @@ def test_published_record_rules_and_token_truncation(tiny, data_dir):
         record(('gpt', 'stray answer'), ('human', 'what colour?'), ('gpt', 'red.'), image='red.png'),
     ])
     ds = dataset(path, tokenizer)
-    assert len(ds) == 3 and [(b.index, b.reason) for b in ds.bad_records] == [(3, '0 <image> placeholders for 1 images')]
+    assert len(ds) == 3
+    assert [(b.index, b.reason) for b in ds.bad_records] == [(3, '0 <image> placeholders for 1 images')]
     first = ds.examples[0]
     assert first.turns == [(0, '<image>\nwhat colour?'), (1, 'red.')] and len(first.images) == 1
     assert ds.examples[1].images == []

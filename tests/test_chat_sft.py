@@ -193,6 +193,7 @@ def test_v1_5_recipe_parses_with_the_published_values(parts, tmp_path):
     recipe = REPO / 'configs' / 'chat' / 'internvl_chat_v1_5_finetune.json'
     model_args, data_args, training_args = parse_args(
         [str(recipe), '--data', str(data), '--output_dir', str(tmp_path), '--deepspeed', '', '--use_cpu', 'True'])
-    assert (model_args.conv_style, model_args.trust_remote_code, model_args.ps_version) == ('internlm2-chat', True, 'v2')
+    assert (model_args.conv_style, model_args.trust_remote_code, model_args.ps_version) == ('internlm2-chat', True,
+                                                                                            'v2')
     assert (data_args.dynamic_image_size, data_args.use_thumbnail, data_args.max_dynamic_patch) == (True, True, 12)
     assert (data_args.max_seq_length, training_args.learning_rate, model_args.drop_path_rate) == (4096, 2e-5, 0.4)

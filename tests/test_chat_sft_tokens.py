@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from chat.data import SFTDataset, encode_conversation
 from chat.conversation import get_template
+from chat.data import SFTDataset, encode_conversation
 from chat.tiny import build_tiny_sp_tokenizer, build_tiny_tokenizer, colour_square
 from chat.tokenization import prepare_tokenizer
 

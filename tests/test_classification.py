@@ -11,11 +11,28 @@ import torch
 from PIL import Image
 
 import classification  # noqa: F401  (registers everything)
-from classification import (BackboneMismatchError, CachedFeatures, DatasetLayoutError, FeatureSpec, HeldOutSplit,
-                            ImageNetAccuracy, ImageNetFileList, ImageNetFolder, ImageNetReaL, ImageNetV2Folder,
-                            ImageReadError, LinearProbe, LinearProbeOptimWrapperConstructor, MultiSetTestLoop,
-                            StaleFeatureCacheError, apply_sweep_switch, format_results_table, probe_record,
-                            stratified_holdout, topk_hits)
+from classification import (
+    BackboneMismatchError,
+    CachedFeatures,
+    DatasetLayoutError,
+    FeatureSpec,
+    HeldOutSplit,
+    ImageNetAccuracy,
+    ImageNetFileList,
+    ImageNetFolder,
+    ImageNetReaL,
+    ImageNetV2Folder,
+    ImageReadError,
+    LinearProbe,
+    LinearProbeOptimWrapperConstructor,
+    MultiSetTestLoop,
+    StaleFeatureCacheError,
+    apply_sweep_switch,
+    format_results_table,
+    probe_record,
+    stratified_holdout,
+    topk_hits,
+)
 from classification.heads import head_losses
 
 EVAL_56 = dict(type='ProbeEvalTransform', size=56)
@@ -189,7 +206,7 @@ def test_accuracy_metric_with_masked_logits_and_real_labels():
     metric = ImageNetAccuracy(topk=(1, 2))
     metric.dataset_meta = dict(class_subset=[1, 3])
     rows = [([9.0, 1.0, 0.0, 2.0], 3), ([9.0, 2.0, 0.0, 1.0], 3), ([0.0, 5.0, 9.0, 1.0], 1)]
-    metric.process(None, [dict(logits=torch.tensor([l]), label=y, real_labels=None) for l, y in rows])
+    metric.process(None, [dict(logits=torch.tensor([row]), label=y, real_labels=None) for row, y in rows])
     result = metric.compute_metrics(metric.results)
     assert result['top1'] == pytest.approx(200 / 3) and result['top2'] == pytest.approx(100.0)
     assert result['num_classes'] == 2

@@ -1,4 +1,5 @@
-"""Tests for backbones/compat.py: the mmcv.ops stand-in and the checkpoint trust boundary."""
+"""Tests for the OpenMMLab adapter (mm_adapter): the mmcv.ops stand-in, the checkpoint trust boundary, registration,
+atomic checkpoint writes, and that the torch-only packages import no OpenMMLab module."""
 import json
 import os
 import pickle
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from backbones import compat
+from mm_adapter import compat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +40,8 @@ def _result(proc: subprocess.Popen, timeout: float = 180) -> dict:
 SHIM_BRANCH = """
     import json, sys
     sys.modules['mmcv._ext'] = None
-    import backbones                      # calls ensure_mmcv_ops() before anything imports mmseg
-    from backbones.compat import ensure_mmcv_ops, MissingCompiledOpError
+    import mm_adapter                     # calls ensure_mmcv_ops() before anything imports mmseg
+    from mm_adapter.compat import ensure_mmcv_ops, MissingCompiledOpError
     import mmcv.ops
     import mmseg.models
     from mmseg.models.decode_heads import FCNHead, UPerHead, SegformerHead, CCHead
@@ -76,7 +77,7 @@ SHIM_BRANCH = """
 COMPILED_BRANCH = f"""
     import importlib.util, json, sys, types
     sys.modules['mmcv._ext'] = types.ModuleType('mmcv._ext')
-    spec = importlib.util.spec_from_file_location('compat_under_test', {str(REPO / 'backbones' / 'compat.py')!r})
+    spec = importlib.util.spec_from_file_location('compat_under_test', {str(REPO / 'mm_adapter' / 'compat.py')!r})
     compat = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compat)
     import mmcv
@@ -85,10 +86,24 @@ COMPILED_BRANCH = f"""
                           attr=hasattr(mmcv, 'ops'))))
 """
 
+# The torch-only packages: importing them (and using the model and its weight code) loads no OpenMMLab module, and
+# classification does not pull in segmentation (whose import registers its modules everywhere).
+TORCH_ONLY = """
+    import json, sys
+    import backbones, backbones.writing, chat.model, chat.checkpoint, chat.sft
+    import torch
+    model = backbones.InternViT('internvit_tiny')
+    model.forward_features(torch.zeros(1, 3, 28, 28))
+    torch_only = sorted(m for m in sys.modules if m.split('.')[0] in ('mmengine', 'mmseg', 'mmcv'))
+    import classification
+    print(json.dumps(dict(torch_only=torch_only, segmentation='segmentation' in sys.modules)))
+"""
+
 
 @pytest.fixture(scope='module', autouse=True)
 def fresh_interpreters():
-    procs = dict(shim=_start_python(SHIM_BRANCH), compiled=_start_python(COMPILED_BRANCH))
+    procs = dict(shim=_start_python(SHIM_BRANCH), compiled=_start_python(COMPILED_BRANCH),
+                 torch_only=_start_python(TORCH_ONLY))
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -302,3 +317,38 @@ def test_shim_branch_makes_mmseg_importable(fresh_interpreters):
 
 def test_compiled_branch_changes_nothing(fresh_interpreters):
     assert _result(fresh_interpreters['compiled']) == dict(first=False, second=False, ops_loaded=False, attr=False)
+
+
+def test_backbones_and_chat_import_no_openmmlab_module(fresh_interpreters):
+    out = _result(fresh_interpreters['torch_only'])
+    assert out == dict(torch_only=[], segmentation=False)
+
+
+def test_registered_in_root_and_mmseg_registries():
+    from mmengine.registry import MODELS as ROOT
+    from mmseg.registry import MODELS as MMSEG
+
+    import mm_adapter  # noqa: F401
+    from backbones import InternViT
+    for registry in (ROOT, MMSEG):
+        model = registry.build(dict(type='InternViT', preset='internvit_tiny', out_indices=[1], frozen=True))
+        assert isinstance(model, InternViT) and model.frozen and model.out_indices == [1]
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from mmengine.fileio import get_file_backend
+
+    from mm_adapter.atomic_io import AtomicLocalBackend, install_atomic_local_backend
+    install_atomic_local_backend()  # what mm_adapter.runtime.build_runner does for every run
+    target = tmp_path / 'iter_2.pth'
+    backend = get_file_backend(str(target))
+    assert isinstance(backend, AtomicLocalBackend)  # MMEngine's backend for local paths
+    backend.put(b'old checkpoint', str(target))
+
+    def crash(*args):
+        raise OSError('disk full')
+    monkeypatch.setattr(os, 'replace', crash)
+    with pytest.raises(OSError, match='disk full'):
+        backend.put(b'new checkpoint, cut short', str(target))
+    assert target.read_bytes() == b'old checkpoint'  # the previous file is intact
+    assert os.listdir(tmp_path) == ['iter_2.pth']  # and no partial file is left

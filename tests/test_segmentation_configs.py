@@ -4,12 +4,11 @@ import os.path as osp
 
 import pytest
 import torch
-
-import segmentation  # noqa: F401
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
+import segmentation  # noqa: F401
 from backbones import PRESETS
 from backbones.internvit import Block
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor
@@ -51,7 +50,7 @@ def test_every_published_setting_has_a_config():
 @pytest.mark.parametrize('path', ALL_CONFIGS, ids=name_of)
 def test_config_respects_patch_size_and_recipe(path):
     cfg = Config.fromfile(path)
-    assert cfg.custom_imports == dict(imports=['backbones', 'segmentation'], allow_failed_imports=False)
+    assert cfg.custom_imports == dict(imports=['mm_adapter', 'segmentation'], allow_failed_imports=False)
     pre = cfg.model.data_preprocessor
     assert all(s % 14 == 0 for s in pre.size), pre.size
     assert pre.test_cfg == dict(size_divisor=14)
@@ -83,7 +82,7 @@ def test_backbone_builds_on_meta_as_published(name):
     assert backbone.out_indices == out_indices
     assert backbone.frozen is frozen
     assert all(p.requires_grad is not frozen for p in backbone.parameters())
-    assert backbone.layers[-1].drop_path.prob == pytest.approx(drop_path)
+    assert backbone.layers[-1].drop_path.drop_prob == pytest.approx(drop_path)
     assert backbone.grad_checkpointing is (name.startswith('internvit_6b') and not frozen)
     assert cfg.optim_wrapper.paramwise_cfg.layer_decay_rate == layer_decay
     assert cfg.optim_wrapper.optimizer.weight_decay == weight_decay

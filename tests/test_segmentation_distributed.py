@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
-
-import segmentation  # noqa: F401
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
+import segmentation  # noqa: F401
 from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -10,12 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
 from PIL import Image
 
 import segmentation  # noqa: F401
-from mmengine.config import Config
-
-from segmentation.runtime import build_runner, prepare_config
+from mm_adapter.runtime import build_runner, prepare_config
 from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options, torch_threads
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -7,15 +7,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.structures import PixelData
+from mmseg.registry import DATASETS, MODELS
+from mmseg.structures import SegDataSample
 from PIL import Image
 
 import segmentation  # noqa: F401  (registers everything)
-from mmengine.config import Config
-from mmengine.registry import DefaultScope
-from mmseg.registry import DATASETS, MODELS
-from mmseg.structures import SegDataSample
-from mmengine.structures import PixelData
-
 from segmentation.datasets import few_shot_subset
 from segmentation.few_shot import list_image_stems, write_split_files
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor, clean_param_name, internvit_layer_id
@@ -236,23 +235,6 @@ def test_inference_pads_odd_sizes_to_the_patch_size(mode):
         assert tuple(out.pred_sem_seg.data.shape) == (1, h, w)
         assert tuple(out.seg_logits.data.shape) == (5, h, w)
     assert torch.isfinite(outputs[0].seg_logits.data).all()
-
-
-def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    from mmengine.fileio import get_file_backend
-    from segmentation.atomic_io import AtomicLocalBackend
-    target = tmp_path / 'iter_2.pth'
-    backend = get_file_backend(str(target))
-    assert isinstance(backend, AtomicLocalBackend)  # MMEngine's backend for local paths
-    backend.put(b'old checkpoint', str(target))
-
-    def crash(*args):
-        raise OSError('disk full')
-    monkeypatch.setattr(os, 'replace', crash)
-    with pytest.raises(OSError, match='disk full'):
-        backend.put(b'new checkpoint, cut short', str(target))
-    assert target.read_bytes() == b'old checkpoint'  # the previous file is intact
-    assert os.listdir(tmp_path) == ['iter_2.pth']  # and no partial file is left
 
 
 def test_final_weights_hook_saves_weights_only_after_training(tmp_path):

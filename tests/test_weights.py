@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from backbones.internvit import InternViT
 from backbones.arch_config import arch_for_weights, hf_config_from_arch
+from backbones.internvit import InternViT
 from backbones.layouts import WeightsError, from_canonical, to_canonical
 from backbones.loading import load_into_model
 from backbones.reading import read_weights
@@ -61,16 +61,18 @@ def ln():
 
 @pytest.fixture
 def logs():
-    """Text logged through mmengine's current logger during the test."""
+    """Text logged by the backbones package (standard logging) during the test."""
     import io
     import logging
-    from mmengine.logging import MMLogger
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    logger = MMLogger.get_current_instance()
+    logger = logging.getLogger('backbones')
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     yield stream.getvalue
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def images(size=56, n=2, seed=0):
@@ -106,6 +108,16 @@ def test_hf_dir_round_trip(tmp_path, rms, shard_bytes):
         assert len(shards) > 1 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
         assert set(index['weight_map']) == set(sd)
         assert index['metadata']['total_size'] == sum(t.numel() * 4 for t in sd.values())
+        # huggingface_hub's sharding (save_pretrained's): name order, a new file when the next tensor would not
+        # fit, a tensor larger than the limit alone in its own file
+        names = sorted(sd, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', n)])
+        for shard in shards:
+            held = [n for n in names if index['weight_map'][n] == shard]
+            assert len(held) == 1 or sum(sd[n].numel() * 4 for n in held) <= shard_bytes
+        too_large = [n for n in names if sd[n].numel() * 4 > shard_bytes]
+        assert 'embeddings.patch_embedding.weight' in too_large
+        for name in too_large:
+            assert [n for n in names if index['weight_map'][n] == index['weight_map'][name]] == [name]
     else:
         assert files == ['config.json', 'model.safetensors']
     with safe_open(str(out / (files[1] if shard_bytes < 2 ** 20 else 'model.safetensors')), 'pt') as f:
@@ -159,7 +171,8 @@ def test_mmengine_training_checkpoint(tmp_path, rms, ln, logs):
     from mmengine.logging import HistoryBuffer
     buffer = HistoryBuffer()
     buffer.update(np.float64(1.5))
-    for model, layout, prefix in ((rms, 'hf', 'backbone.'), (ln, 'original', 'backbone.'), (rms, 'hf', 'vision_model.')):
+    for model, layout, prefix in ((rms, 'hf', 'backbone.'), (ln, 'original', 'backbone.'),
+                                  (rms, 'hf', 'vision_model.')):
         sd = canonical(model)
         state = {**from_canonical(sd, layout, prefix),
                  'decode_head.conv_seg.weight': torch.zeros(150, 64, 1, 1),
@@ -510,3 +523,44 @@ def test_probe_and_deepspeed_checkpoints_say_what_to_export(tmp_path):
     torch.save({'module': {}}, ds / 'mp_rank_00_model_states.pt')
     with pytest.raises(WeightsError, match='is a DeepSpeed checkpoint folder: consolidate it first'):
         read_weights(ds)
+
+
+# --------------------------------------------------------------------------------------------- build and load
+def test_from_pretrained_runs_no_random_init_and_places_each_tensor_in_its_dtype(tmp_path, ln, monkeypatch):
+    from backbones.reading import _MAPPINGS
+    write_hf(canonical(ln), ln.arch, tmp_path / 'hf', image_size=56, dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / 'hf' / 'model.safetensors'))
+
+    def no_init(*args, **kwargs):
+        raise AssertionError('from_pretrained must not initialise randomly')
+    monkeypatch.setattr(InternViT, '_init_parameters', no_init)
+    monkeypatch.setattr(torch.nn.init, 'trunc_normal_', no_init)
+
+    def in_a_mapping(t):
+        return any(base <= t.data_ptr() < base + size for base, (_, size) in _MAPPINGS.items())
+
+    weights = read_weights(tmp_path / 'hf')
+    assert all(in_a_mapping(t) for t in weights.state_dict.values())  # read memory-mapped, nothing copied yet
+    for dtype in (torch.bfloat16, torch.float32):
+        model = InternViT.from_pretrained(str(tmp_path / 'hf'), dtype=dtype)
+        # the file's dtype: the parameters are (copy-on-write) views of the file; another dtype: one copy each
+        assert [in_a_mapping(p) for p in model.parameters()] == [dtype == torch.bfloat16] * len(stored)
+        for name, value in model.state_dict().items():
+            assert value.dtype == dtype and torch.equal(value, stored[name].to(dtype)), name
+    # the released pages of the mapped tensors read back from the file unchanged; writes stay private
+    assert all(torch.equal(weights.state_dict[k], stored[k]) for k in stored)
+    model = InternViT.from_pretrained(str(tmp_path / 'hf'), dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.embeddings.position_embedding.add_(1)
+    assert torch.equal(load_file(str(tmp_path / 'hf' / 'model.safetensors'))['embeddings.position_embedding'],
+                       stored['embeddings.position_embedding'])
+
+
+def test_build_and_load_refuses_a_partial_checkpoint_without_leaving_meta_tensors(ln):
+    from backbones.loading import build_and_load
+    sd = canonical(ln)
+    del sd['encoder.layers.0.ls1']
+    with pytest.raises(WeightsError, match=r'missing 1 tensors: encoder\.layers\.0\.ls1'):
+        build_and_load(lambda: InternViT(ln.arch), sd, source='partial')
+    with pytest.raises(WeightsError, match=r'not in the checkpoint: encoder\.layers\.0\.ls1'):
+        build_and_load(lambda: InternViT(ln.arch), sd, source='partial', strict=False)

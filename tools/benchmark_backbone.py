@@ -14,31 +14,29 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch and the model are imported when a benchmark runs, so that --help answers at once
+    import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backbones import PRESETS, InternViT, vit_forward_flops  # noqa: E402
-from backbones.dtypes import as_dtype  # noqa: E402
-from backbones.internvit import ATTN_IMPLS  # noqa: E402
+    from backbones import InternViT
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', default='internvit_6b_224', help=f'one of {", ".join(PRESETS)}')
+    p.add_argument('--preset', default='internvit_6b_224',
+                   help='a name of backbones.PRESETS (internvit_6b_224, internvit_6b_448, internvit_300m_448, ...)')
     for field in ('embed_dim', 'depth', 'num_heads', 'mlp_dim'):
         p.add_argument('--' + field.replace('_', '-'), type=int, help='override the preset (custom size)')
     p.add_argument('--img-size', type=int, default=None, help='input side (default: the preset\'s)')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--dtype', default='bfloat16', help='bfloat16 | float16 | float32')
-    p.add_argument('--attn', default='sdpa', choices=ATTN_IMPLS)
+    p.add_argument('--attn', default='sdpa', help='sdpa | eager | flash_attn')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     p.add_argument('--train', action='store_true', help='time forward+backward instead of inference')
     p.add_argument('--grad-checkpointing', action='store_true')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default=None, help='default: cuda where available, else cpu')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--compare-eager', action='store_true', help='also time eager attention, print the ratio')
@@ -47,6 +45,9 @@ def parse_args(argv=None):
 
 
 def build(args, attn_impl: str) -> InternViT:
+    import torch
+
+    from backbones import InternViT
     overrides = {k: getattr(args, k) for k in ('embed_dim', 'depth', 'num_heads', 'mlp_dim') if getattr(args, k)}
     if args.img_size:
         overrides['img_size'] = args.img_size
@@ -58,12 +59,17 @@ def build(args, attn_impl: str) -> InternViT:
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    import torch
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux: the process peak
 
 
 def time_model(args, attn_impl: str) -> dict:
+    import torch
+
+    from backbones import vit_forward_flops
+    from backbones.dtypes import as_dtype
     device = torch.device(args.device)
     model = build(args, attn_impl)
     side = args.img_size or model.arch.img_size
@@ -111,6 +117,8 @@ def report(r: dict) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if args.device == 'cpu':
         torch.set_num_threads(os.cpu_count() or 1)
     results = [time_model(args, args.attn)]

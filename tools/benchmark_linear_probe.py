@@ -24,10 +24,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-import torch  # noqa: E402
-
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs', 'classification')
 LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -63,12 +59,15 @@ def main(argv=None) -> int:
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1 is fastest for a tiny model)')
     parser.add_argument('--work-dir', default=None, help='keep data and runs here (default: a temporary dir)')
     args = parser.parse_args(argv)
+    import torch
     torch.set_num_threads(args.threads)
+
+    import runpy
+
+    from mmengine.logging import MMLogger
 
     import backbones
     import classification  # noqa: F401
-    from mmengine.logging import MMLogger
-    import runpy
     make_synthetic = runpy.run_path(osp.join(REPO, 'tools', 'make_synthetic_imagenet.py'))['main']
 
     MMLogger.get_instance('mmengine', log_level='WARNING')

@@ -25,25 +25,7 @@ FSDP / DeepSpeed configs are timed as one plain process (the strategy is not use
 import argparse
 import os.path as osp
 import resource
-import sys
 import time
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-import torch  # noqa: E402
-
-import backbones  # noqa: E402,F401
-import segmentation  # noqa: E402,F401
-from backbones import vit_forward_flops  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.model import revert_sync_batchnorm  # noqa: E402
-from mmengine.optim import build_optim_wrapper  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
-from mmengine.structures import PixelData  # noqa: E402
-from mmseg.registry import MODELS  # noqa: E402
-from mmseg.structures import SegDataSample  # noqa: E402
-
-from segmentation.runtime import adapt_to_cpu  # noqa: E402
 
 GiB = 1024 ** 3
 
@@ -56,12 +38,15 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=30, help='timed training iterations')
     parser.add_argument('--warmup', type=int, default=5, help='untimed iterations first')
     parser.add_argument('--batch', type=int, default=None, help="images per iteration (default: the config's)")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    parser.add_argument('--device', default=None, help='default: cuda where available, else cpu')
+    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE')
     return parser.parse_args(argv)
 
 
-def synthetic_batch(batch: int, size, num_classes: int, generator: torch.Generator) -> dict:
+def synthetic_batch(batch: int, size, num_classes: int, generator) -> dict:
+    import torch
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
     h, w = size
     inputs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for _ in range(batch)]
     samples = []
@@ -76,9 +61,21 @@ def synthetic_batch(batch: int, size, num_classes: int, generator: torch.Generat
 
 def main(argv=None):
     args = parse_args(argv)
+    # Heavy imports once the arguments are parsed, so that --help answers at once.
+    import torch
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    import mm_adapter  # noqa: F401  (mmcv.ops shim before mmseg)
+    import segmentation  # noqa: F401
+    from backbones import vit_forward_flops
+    from mm_adapter.runtime import adapt_to_cpu, cfg_options
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
-    device = torch.device(args.device)
+    cfg.merge_from_dict(cfg_options(args.cfg_options))
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cpu':
         adapt_to_cpu(cfg)
     init_default_scope(cfg.get('default_scope', 'mmseg'))

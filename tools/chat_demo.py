@@ -10,13 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
-
-if importlib.util.find_spec('chat') is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,13 +25,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--dynamic', action='store_true', help='dynamic-resolution tiles (default: the model config)')
     parser.add_argument('--max-tiles', type=int, default=None, help='maximum tiles with --dynamic')
     parser.add_argument('--dtype', default=None, help='bfloat16, float16 or float32 (default: as stored)')
-    parser.add_argument('--device', default='cuda' if _cuda() else 'cpu')
+    parser.add_argument('--device', default=None, help='default: cuda where available, else cpu')
     parser.add_argument('--max-new-tokens', type=int, default=256)
     parser.add_argument('--tiny-quickstart', metavar='WORK_DIR', help='run the CPU quick start in WORK_DIR')
     parser.add_argument('--steps', type=int, default=80, help='SFT steps of the quick start')
     args = parser.parse_args(argv)
     if not args.tiny_quickstart and not args.model:
         parser.error('give --model CHAT_DIR (or --tiny-quickstart WORK_DIR)')
+    args.device = args.device or ('cuda' if _cuda() else 'cpu')  # after --help: torch is imported here
     return args
 
 

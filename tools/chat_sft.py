@@ -7,14 +7,24 @@
     torchrun --nproc_per_node 8 tools/chat_sft.py configs/chat/internvl_chat_v1_2_finetune.json \\
         --model_name_or_path CHAT_DIR --data train.jsonl --output_dir work_dirs/sft
 
-See ``chat/sft.py`` for every argument (``--help``).
+Arguments: ``chat.sft.ModelArguments`` (--model_name_or_path, or --vision_path + --llm_path [--projector_path];
+--conv_style, --freeze_backbone, --freeze_llm, --freeze_mlp, --unfreeze_vit_layers, --model_dtype ...),
+``chat.sft.DataArguments`` (--data, --image_root, --max_seq_length, --truncation, --on_bad_record, dynamic tiles
+...) and transformers' ``TrainingArguments`` (--output_dir, --learning_rate, --bf16, --deepspeed ...).
+``--help`` prints this page at once; ``--help-all`` prints every argument (it imports transformers).
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from chat.sft import main  # noqa: E402
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ('-h', '--help') for a in argv):
+        print(__doc__)
+        return None
+    argv = ['--help' if a == '--help-all' else a for a in argv]
+    from chat.sft import main as sft_main
+    return sft_main(argv)
+
 
 if __name__ == '__main__':
     main()

@@ -29,26 +29,21 @@ it does, 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-if importlib.util.find_spec('backbones') is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if TYPE_CHECKING:  # torch and backbones are imported by the functions that use them: --help answers at once
+    import torch
 
-import torch  # noqa: E402
+    from backbones.internvit import InternViT
 
-from backbones.arch_config import arch_for_weights, vision_config_of  # noqa: E402
-from backbones.dtypes import as_dtype  # noqa: E402
-from backbones.internvit import InternViT  # noqa: E402
-from backbones.layouts import WeightsError  # noqa: E402
-from backbones.loading import load_into_model  # noqa: E402
-from backbones.reading import read_weights  # noqa: E402
-from backbones.writing import write_hf, write_hf_native, write_into_chat  # noqa: E402
 
-DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# --verify's default bound on max|difference| / max|output|, by the dtype OUT stores
+DEFAULT_TOLERANCE = {'float32': 1e-4, 'float64': 1e-4, 'bfloat16': 5e-2, 'float16': 5e-2}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +84,8 @@ def _chat_vision_config(chat_dir: str) -> dict:
     config_file = Path(chat_dir) / 'config.json'
     if not config_file.is_file():
         raise FileNotFoundError(f'{config_file} does not exist: --into-chat needs an InternVL-Chat directory')
+    from backbones.arch_config import vision_config_of
+    from backbones.layouts import WeightsError
     config = json.loads(config_file.read_text())
     vision = vision_config_of(config)
     if vision is None or 'vision_config' not in config:
@@ -97,21 +94,27 @@ def _chat_vision_config(chat_dir: str) -> dict:
 
 
 def _loaded_model(arch, state_dict, source: str) -> InternViT:
-    """An fp32 model holding exactly these weights; built on the meta device to skip random init (slow for 6B)."""
-    with torch.device('meta'):
-        model = InternViT(arch)
-    model.to_empty(device='cpu')
-    load_into_model(model, state_dict, source=source)  # strict: every parameter is overwritten
-    return model.float()
+    """An fp32 model holding exactly these weights (no random init: slow for 6B)."""
+    import torch
+
+    from backbones.internvit import InternViT
+    from backbones.loading import build_and_load
+    return build_and_load(lambda: InternViT(arch), state_dict, source=source, dtype=torch.float32)
 
 
 def _forward(model: InternViT, images: torch.Tensor) -> torch.Tensor:
+    import torch
     model.eval()
     with torch.no_grad():
         return model.forward_features(images)
 
 
 def export(args: argparse.Namespace) -> int:
+    from backbones.arch_config import arch_for_weights
+    from backbones.dtypes import as_dtype
+    from backbones.layouts import WeightsError
+    from backbones.reading import read_weights
+    from backbones.writing import write_hf, write_hf_native, write_into_chat
     start = time.time()
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -164,16 +167,21 @@ def export(args: argparse.Namespace) -> int:
 def _transformers_forward(out: Path, images: torch.Tensor) -> tuple[torch.Tensor, set]:
     """Final tokens of transformers' own model class for the native layout (AutoModel, no remote code), and the
     dtype the export stores (its config.json)."""
+    import torch
     from transformers import AutoModel
     model = AutoModel.from_pretrained(str(out), dtype=torch.float32, attn_implementation='eager').eval()
-    stored = {as_dtype(json.loads((out / 'config.json').read_text())['dtype'])}
+    stored = {json.loads((out / 'config.json').read_text())['dtype']}
     with torch.no_grad():
         return model(pixel_values=images).last_hidden_state, stored
 
 
 def verify(weights, arch, out: Path, image_size: int, batch: int, layout: str = 'hf'):
     """Largest |difference| of final tokens between the source weights and the re-read export (fp32 compute);
-    returns (difference, largest |source output|, the dtypes OUT stores)."""
+    returns (difference, largest |source output|, the names of the dtypes OUT stores)."""
+    import torch
+
+    from backbones.arch_config import arch_for_weights
+    from backbones.reading import read_weights
     log(f'verify: running the source model and the reloaded export on a random {batch}x3x{image_size}x'
         f'{image_size} batch (fp32)')
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -185,21 +193,24 @@ def verify(weights, arch, out: Path, image_size: int, batch: int, layout: str = 
         output, stored = _transformers_forward(out, images)
     else:
         exported_weights = read_weights(out)
-        stored = {t.dtype for t in exported_weights.state_dict.values()}
+        stored = {str(t.dtype).replace('torch.', '') for t in exported_weights.state_dict.values()}
         exported = _loaded_model(arch_for_weights(exported_weights, num_heads=arch.num_heads),
                                  exported_weights.state_dict, str(out))
         del exported_weights
         output = _forward(exported, images)
     diff = (output - reference).abs().max().item()
     scale = reference.abs().max().item()
-    names = ', '.join(sorted(str(d).replace('torch.', '') for d in stored))
-    print(f'verify: max abs difference {diff:.6g} between {out} (stored as {names}) and the source (outputs up to '
+    print(f'verify: max abs difference {diff:.6g} between {out} (stored as {", ".join(sorted(stored))}) and the '
+          f'source (outputs up to '
           f'{scale:.6g})', flush=True)
     return diff, scale, stored
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not logging.getLogger().handlers:  # show what the weight code reports (resampling, files written)
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='[%(name)s] %(message)s')
+    from backbones.layouts import WeightsError
     try:
         return export(args)
     except (WeightsError, FileExistsError, FileNotFoundError) as err:

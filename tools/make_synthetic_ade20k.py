@@ -7,13 +7,7 @@ See ``segmentation/synthetic.py`` for what the images hold. The folder is writte
 renamed when complete; an existing folder is only replaced with ``--overwrite``.
 """
 import argparse
-import os.path as osp
-import sys
 import time
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-from segmentation.synthetic import CLASSES, write_synthetic_ade20k  # noqa: E402
 
 
 def main(argv=None):
@@ -25,6 +19,7 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--overwrite', action='store_true', help='replace an existing dataset folder')
     args = parser.parse_args(argv)
+    from segmentation.synthetic import CLASSES, write_synthetic_ade20k  # after parsing: --help answers at once
     start = time.time()
     out = write_synthetic_ade20k(args.out, args.num_train, args.num_val, args.size, args.seed, args.overwrite)
     print(f'wrote {args.num_train} training and {args.num_val} validation images ({len(CLASSES)} classes: '

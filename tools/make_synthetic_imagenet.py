@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -147,17 +144,11 @@ def main(argv=None) -> int:
         sys.exit(f'--subset-classes must be within 1..{args.classes}, got {subset}')
     if out.exists() and not args.overwrite:
         sys.exit(f'{out} exists; pass --overwrite to replace it')
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.'))
-    try:
-        summary = write_dataset(tmp / 'data', classes=args.classes, train_per_class=args.train_per_class,
+    from backbones.atomic import atomic_dir
+    with atomic_dir(out, args.overwrite) as tmp:
+        summary = write_dataset(tmp, classes=args.classes, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, variant_per_class=args.variant_per_class,
                                 subset_classes=subset, size=args.size, seed=args.seed)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / 'data', out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f'wrote {out}: {json.dumps(summary)}')
     return 0
 

@@ -11,15 +11,6 @@ stand-ins (``backbones.reading.safe_torch_load``); a file holding any other obje
 import argparse
 import os
 import os.path as osp
-import sys
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-import backbones  # noqa: E402,F401
-from backbones.compat import trust_checkpoints_in  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
-
-from segmentation.runtime import build_runner, init_distributed_without_cuda, prepare_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,7 +23,7 @@ def parse_args(argv=None):
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation: the config's tta_pipeline (multi-scale + flip) and tta_model")
     parser.add_argument('--out', help='also write the predicted label maps as <image name>.png here')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, help='override config keys')
+    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE', help='override config keys')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
                         help='job launcher: pytorch under torchrun (dist_*.sh), slurm under srun (slurm_*.sh)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
@@ -57,8 +48,14 @@ def main(argv=None):
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path} does not exist')
+    # MMEngine is imported once the arguments are parsed, so that --help answers at once.
+    from mmengine.config import Config
+
+    import mm_adapter  # noqa: F401  (mmcv.ops shim before mmseg, InternViT registration)
+    from mm_adapter.compat import trust_checkpoints_in
+    from mm_adapter.runtime import build_runner, cfg_options, init_distributed_without_cuda, prepare_config
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
+    cfg.merge_from_dict(cfg_options(args.cfg_options))
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False

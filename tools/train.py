@@ -6,21 +6,12 @@
 
 The runner is MMEngine's ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` with an FSDP or DeepSpeed
 ``strategy`` for full tuning of InternViT-6B). Without CUDA the run is adapted to the CPU (fp32, gloo); see
-``segmentation/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``backbones.compat``). A work
+``mm_adapter/runtime.py``. Resuming unpickles only checkpoints inside the work dir (``mm_adapter.compat``). A work
 dir that already holds a run is only reused with ``--resume`` or ``--overwrite``; checkpoints are written atomically.
 """
 import argparse
 import os
 import os.path as osp
-import sys
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-import backbones  # noqa: E402,F401  (mmcv.ops shim before mmseg, InternViT registration)
-from mmengine.config import Config, DictAction  # noqa: E402
-
-from segmentation.runtime import (build_runner, init_distributed_without_cuda, prepare_config,  # noqa: E402
-                                  trust_work_dir)
 
 
 def parse_args(argv=None):
@@ -32,7 +23,7 @@ def parse_args(argv=None):
     parser.add_argument('--overwrite', action='store_true',
                         help='start a new run in a work dir that already holds one (its checkpoints are replaced)')
     parser.add_argument('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='override config keys, e.g. train_cfg.max_iters=1000 model.backbone.dtype=None')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
                         help='job launcher: pytorch under torchrun (dist_*.sh), slurm under srun (slurm_*.sh)')
@@ -56,8 +47,19 @@ def main(argv=None):
     args = parse_args(argv)
     if not osp.isfile(args.config):
         raise FileNotFoundError(f'config file {args.config} does not exist')
+    # MMEngine is imported once the arguments are parsed, so that --help answers at once.
+    from mmengine.config import Config
+
+    import mm_adapter  # noqa: F401  (mmcv.ops shim before mmseg, InternViT registration)
+    from mm_adapter.runtime import (
+        build_runner,
+        cfg_options,
+        init_distributed_without_cuda,
+        prepare_config,
+        trust_work_dir,
+    )
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
+    cfg.merge_from_dict(cfg_options(args.cfg_options))
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher, amp=args.amp,
                    resume=args.resume)
     refuse_to_overwrite(cfg, args.overwrite)

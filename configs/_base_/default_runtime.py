@@ -1,6 +1,6 @@
 # MMEngine runtime shared by the segmentation configs.
 default_scope = 'mmseg'
-custom_imports = dict(imports=['backbones', 'segmentation'], allow_failed_imports=False)
+custom_imports = dict(imports=['mm_adapter', 'segmentation'], allow_failed_imports=False)
 env_cfg = dict(cudnn_benchmark=True, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
                dist_cfg=dict(backend='nccl'))
 vis_backends = [dict(type='LocalVisBackend')]

@@ -1,5 +1,5 @@
 # MMEngine runtime for the linear probes (root registries; no mmpretrain).
-custom_imports = dict(imports=['backbones', 'classification'], allow_failed_imports=False)
+custom_imports = dict(imports=['mm_adapter', 'classification'], allow_failed_imports=False)
 # ProbeRunner ties every HeldOutSplit to the sweep switch: model.sweep=False trains the single head on the whole
 # train split (nothing held out); model.sweep=True holds out `heldout_fraction` of it to choose the head.
 runner_type = 'ProbeRunner'

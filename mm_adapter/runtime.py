@@ -16,11 +16,26 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-HALF_DTYPES = ('bfloat16', 'bf16', 'float16', 'fp16', 'half', 'torch.bfloat16', 'torch.float16')
+from backbones.dtypes import as_dtype
+
+from .atomic_io import install_atomic_local_backend
+from .compat import trust_checkpoints_in
 
 
 def _note(message: str) -> None:
     print_log(message, logger='current')
+
+
+def cfg_options(pairs: list[str] | None) -> dict:
+    """``--cfg-options k=v ...`` as MMEngine's ``DictAction`` reads them (the tools parse their arguments before
+    importing MMEngine, so that ``--help`` answers at once)."""
+    import argparse
+
+    from mmengine.config import DictAction
+    namespace = argparse.Namespace(cfg_options={})
+    if pairs:
+        DictAction(option_strings=['--cfg-options'], dest='cfg_options')(None, namespace, pairs)
+    return namespace.cfg_options
 
 
 def default_work_dir(config_path: str) -> str:
@@ -50,10 +65,17 @@ def enable_amp(cfg: Config) -> None:
         wrapper['use_fsdp'] = True
 
 
+def _is_half(dtype) -> bool:
+    try:
+        return as_dtype(dtype) in (torch.bfloat16, torch.float16)
+    except ValueError:
+        return False  # a bad name is reported by the model when it is built
+
+
 def _half_backbones(node: Any, path: str = 'model'):
     """Yield (path, dict) for every InternViT config dict with a half dtype."""
     if isinstance(node, dict):
-        if node.get('type') == 'InternViT' and str(node.get('dtype')) in HALF_DTYPES:
+        if node.get('type') == 'InternViT' and _is_half(node.get('dtype')):
             yield path, node
         for key, value in node.items():
             yield from _half_backbones(value, f'{path}.{key}')
@@ -176,6 +198,7 @@ def init_distributed_without_cuda(launcher: str) -> None:
 
 
 def build_runner(cfg: Config):
+    install_atomic_local_backend()  # this run's checkpoints and last_checkpoint pointer are written atomically
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)
@@ -184,6 +207,5 @@ def build_runner(cfg: Config):
 
 
 def trust_work_dir(cfg: Config) -> str:
-    """Full unpickling only for checkpoints inside this run's work dir (see ``backbones.compat``)."""
-    from backbones.compat import trust_checkpoints_in
+    """Full unpickling only for checkpoints inside this run's work dir (see ``mm_adapter.compat``)."""
     return trust_checkpoints_in(cfg.work_dir)

@@ -27,8 +27,8 @@ Two problems, two small fixes; nothing else belongs in this module.
    a file whose real path lies inside the run's own work dir (a checkpoint this run wrote) is unpickled in full,
    every other file (``load_from``, pretrained weights, downloads) loads with ``weights_only=True`` (for another
    run's MMEngine checkpoint, its message-hub objects become inert stand-ins: see
-   ``backbones.reading.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise. Pretrained weights belong in safetensors or plain
-   state dicts of tensors, which load under ``weights_only=True``.
+   ``backbones.reading.safe_torch_load``) and is refused with :class:`UntrustedCheckpointError` otherwise.
+   Pretrained weights belong in safetensors or plain state dicts of tensors, which load under ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class MissingCompiledOpError(RuntimeError):
 
 def _missing_message(name: str) -> str:
     return (f'mmcv.ops.{name} needs a compiled mmcv (the mmcv._ext extension), which is not installed '
-            f'(mmcv-lite has no compiled ops). backbones.compat only provides a pure-PyTorch point_sample. '
+            f'(mmcv-lite has no compiled ops). mm_adapter.compat only provides a pure-PyTorch point_sample. '
             f"Install a compiled mmcv (mmcv>=2.0.0rc4,<2.2.0 built for your torch/CUDA) to use {name}.")
 
 
@@ -104,7 +104,7 @@ def _module_getattr(name: str) -> Any:
 def _build_shim() -> types.ModuleType:
     from importlib.machinery import ModuleSpec
 
-    shim = types.ModuleType('mmcv.ops', 'Pure-PyTorch stand-in for mmcv.ops (installed by backbones.compat).')
+    shim = types.ModuleType('mmcv.ops', 'Pure-PyTorch stand-in for mmcv.ops (installed by mm_adapter.compat).')
     shim.__spec__ = ModuleSpec('mmcv.ops', loader=None, origin=__file__)
     shim.__file__ = __file__
     setattr(shim, _SHIM_FLAG, True)
@@ -120,7 +120,7 @@ def _build_shim() -> types.ModuleType:
 
 
 def ensure_mmcv_ops() -> bool:
-    """Make ``mmcv.ops`` importable; call before ``mmseg`` is imported (``backbones/__init__.py`` does).
+    """Make ``mmcv.ops`` importable; call before ``mmseg`` is imported (``mm_adapter/__init__.py`` does).
 
     If mmcv's compiled extension ``mmcv._ext`` imports, nothing is changed and ``False`` is returned. Otherwise a
     pure-PyTorch stand-in is put in ``sys.modules['mmcv.ops']`` (see the module docstring for what it holds) and
@@ -141,7 +141,7 @@ def ensure_mmcv_ops() -> bool:
         pass
     except ImportError as err:  # present but unloadable (e.g. built for another torch): real mmcv.ops cannot work
         warnings.warn(f'mmcv._ext is installed but does not load ({err}); using the pure-PyTorch mmcv.ops '
-                      'stand-in from backbones.compat instead.', RuntimeWarning, stacklevel=2)
+                      'stand-in from mm_adapter.compat instead.', RuntimeWarning, stacklevel=2)
     shim = _build_shim()
     sys.modules['mmcv.ops'] = shim
     # mmcv.cnn imports this submodule and warns "install mmcv rather than mmcv-lite" when it is missing; the
@@ -224,8 +224,8 @@ def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
         except pickle.UnpicklingError as err:
             # Another run's MMEngine checkpoint (load_from, tools/test.py): its tensors and plain metadata load,
             # its message-hub objects become inert stand-ins; anything else stays refused.
-            from .layouts import WeightsError
-            from .reading import safe_torch_load
+            from backbones.layouts import WeightsError
+            from backbones.reading import safe_torch_load
             try:
                 checkpoint = safe_torch_load(filename)
             except WeightsError:

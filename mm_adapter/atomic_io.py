@@ -4,41 +4,24 @@ MMEngine writes checkpoints through its file backend (``fileio.put``), whose loc
 writes in place: a crash or a full disk mid-write leaves a truncated ``iter_N.pth`` that ``--resume`` then picks.
 :class:`AtomicLocalBackend` writes to a temporary file in the same folder, flushes it to disk and renames it over
 the target (``os.replace``, atomic on POSIX). It replaces MMEngine's ``'local'`` backend (the one used for paths
-without a ``scheme://`` prefix) when ``segmentation`` is imported; reads are unchanged.
+without a ``scheme://`` prefix) when a run is built (``mm_adapter.runtime.build_runner``); reads are unchanged.
 """
 from __future__ import annotations
 
-import os
-import os.path as osp
-import tempfile
 from pathlib import Path
 from typing import Union
 
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.fileio import io as fileio_module
 
-from backbones.atomic import _umask
+from backbones.atomic import atomic_write
 
 
 class AtomicLocalBackend(LocalBackend):
     """``LocalBackend`` whose ``put``/``put_text`` write a temporary file and rename it over the target."""
 
     def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
-        filepath = os.fspath(filepath)
-        folder = osp.dirname(filepath) or '.'
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(filepath)}.', suffix='.partial', dir=folder)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(obj)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-            os.replace(tmp, filepath)
-        except BaseException:
-            if osp.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(filepath, obj)
 
     def put_text(self, obj: str, filepath: Union[str, Path], encoding: str = 'utf-8') -> None:
         self.put(obj.encode(encoding), filepath)
