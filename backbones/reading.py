@@ -295,7 +295,7 @@ def _run_config_heads(checkpoint: Any, path: Path) -> dict | None:
     if arch is None:
         return None
     logger.info(f"{path}: {arch.num_heads} attention heads, from the run's config stored in the checkpoint "
-              f"(meta.cfg: InternViT preset {backbone.get('preset')!r})")
+                f"(meta.cfg: InternViT preset {backbone.get('preset')!r})")
     return {'num_attention_heads': arch.num_heads}
 
 
