@@ -153,9 +153,10 @@ def tie_schedule_to_max_iters(cfg: Config) -> None:
     for scheduler in schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]:
         if isinstance(scheduler, dict) and not scheduler.get('by_epoch', True) and scheduler.get('end') == planned:
             if scheduler.get('begin', 0) >= actual:
-                raise ValueError(f"train_cfg.max_iters={actual} ends before {scheduler.get('type')} begins (iteration "
-                                 f"{scheduler.get('begin')}); shorten the warm-up too, e.g. --cfg-options "
-                                 f"param_scheduler.0.end=N param_scheduler.1.begin=N")
+                _note(f"{scheduler.get('type')} begins at iteration {scheduler.get('begin')}, after "
+                      f"train_cfg.max_iters={actual}: it never acts in this run (shorten the warm-up with "
+                      f"param_scheduler.0.end=N param_scheduler.1.begin=N)")
+                continue
             scheduler['end'] = actual
             _note(f"{scheduler.get('type')}: end {planned} -> {actual} (follows train_cfg.max_iters)")
 

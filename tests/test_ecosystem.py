@@ -371,7 +371,7 @@ def test_slurm_train_script_and_launcher_with_two_gloo_processes(tmp_path):
 # --------------------------------------------------------------------------------------------- noise and README
 def test_no_mmcv_lite_deformable_attention_warning_and_placeholder_errors():
     import subprocess
-    proc = subprocess.run([sys.executable, '-W', 'always', '-c', 'import backbones, mmseg.models, mmcv.cnn'],
+    proc = subprocess.run([sys.executable, '-W', 'always', '-c', 'import mm_adapter, mmseg.models, mmcv.cnn'],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'Fail to import ``MultiScaleDeformableAttention``' not in proc.stderr
