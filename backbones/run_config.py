@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from .presets import InternViTArch, resolve_arch
 
-__all__ = ['backbone_config_from_text', 'arch_from_backbone_config']
+__all__ = ['assigned_value', 'backbone_config_from_text', 'arch_from_backbone_config']
 
 _UNKNOWN = object()
 
@@ -50,18 +50,24 @@ def _internvit_dicts(node: Any) -> Iterator[dict]:
             yield from _internvit_dicts(value)
 
 
-def backbone_config_from_text(text: str) -> dict | None:
-    """The ``type='InternViT'`` dict inside the ``model = ...`` of a config's source text (None if not exactly one)."""
+def assigned_value(text: str, name: str) -> Any:
+    """The literal value of the top-level ``name = ...`` in a config's source text (None if absent or unreadable)."""
     try:
         tree = ast.parse(text)
     except SyntaxError:
         return None
     for statement in tree.body:
-        if isinstance(statement, ast.Assign) and any(isinstance(t, ast.Name) and t.id == 'model'
+        if isinstance(statement, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
                                                      for t in statement.targets):
-            found = list(_internvit_dicts(_literal(statement.value)))
-            return found[0] if len(found) == 1 else None
+            value = _literal(statement.value)
+            return None if value is _UNKNOWN else value
     return None
+
+
+def backbone_config_from_text(text: str) -> dict | None:
+    """The ``type='InternViT'`` dict inside the ``model = ...`` of a config's source text (None if not exactly one)."""
+    found = list(_internvit_dicts(assigned_value(text, 'model')))
+    return found[0] if len(found) == 1 else None
 
 
 def arch_from_backbone_config(backbone: dict) -> InternViTArch | None:

@@ -51,7 +51,8 @@ def test_deepspeed_zero3_two_processes_train_resume_export(tmp_path):
     # (validation only at the end of the resumed run)
     options = tiny_run_options(data_root, 2, batch_size=2, **{'model.init_cfg.type': 'Pretrained',
                                                                'model.init_cfg.checkpoint': str(tmp_path / 'init.pth'),
-                                                               'train_cfg.val_interval': 3})
+                                                               'train_cfg.val_interval': 3,
+                                                               'default_hooks.checkpoint.save_best': None})
     cfg.merge_from_dict({k: v for k, v in options.items() if not k.startswith('model.init_cfg')})
     initial = save_initial_weights(cfg, tmp_path / 'init.pth')
     cfg.optim_wrapper.type = 'OptimWrapper'  # the single-process reference: the same optimizer without DeepSpeed

@@ -403,3 +403,19 @@ def test_cpu_benchmark_defaults_to_float32(tmp_path):
     load_tool('benchmark_backbone').main(['--preset', 'internvit_tiny', '--img-size', '56', '--batch', '1',
                                           '--warmup', '0', '--iters', '1', '--device', 'cpu', '--json', str(out)])
     assert json.loads(out.read_text().splitlines()[-1])['dtype'] == 'float32'
+
+
+def test_test_py_takes_the_sweep_switch_from_the_runs_dumped_config(tmp_path, capsys):
+    from mmengine.config import Config
+    config = REPO / 'configs' / 'classification' / 'internvit_tiny_linear_probe_synthetic.py'
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / config.name).write_text("model = dict(type='LinearProbe', sweep=True, lr=0.1)\n")
+    checkpoint = run / 'epoch_4.pth'
+    cfg = Config.fromfile(str(config))
+    assert cfg.model.sweep is False
+    load_tool('test').sweep_of_the_run(cfg, str(config), str(checkpoint))
+    assert cfg.model.sweep is True and 'model.sweep=True as in the run' in capsys.readouterr().out
+    other = Config.fromfile(str(config))  # a checkpoint elsewhere: the config as given
+    load_tool('test').sweep_of_the_run(other, str(config), str(tmp_path / 'epoch_4.pth'))
+    assert other.model.sweep is False

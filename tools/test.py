@@ -43,6 +43,22 @@ def use_tta(cfg, config_path: str) -> None:
     cfg.model = cfg.tta_model
 
 
+def sweep_of_the_run(cfg, config_path: str, checkpoint: str) -> None:
+    """A probe sweep's checkpoint holds every head of the sweep: when the run's own dumped config (beside the
+    checkpoint, as MMEngine writes it) says ``model.sweep``, the test uses the same switch (logged)."""
+    dumped = osp.join(osp.dirname(osp.abspath(checkpoint)), osp.basename(config_path))
+    model = cfg.get('model')
+    if not osp.isfile(dumped) or not isinstance(model, dict) or 'sweep' not in model:
+        return
+    from backbones.run_config import assigned_value
+    with open(dumped) as f:
+        run_model = assigned_value(f.read(), 'model')  # parsed, never executed
+    run_sweep = run_model.get('sweep') if isinstance(run_model, dict) else None
+    if isinstance(run_sweep, bool) and run_sweep != model['sweep']:
+        print(f'tools/test.py: model.sweep={run_sweep} as in the run that wrote the checkpoint ({dumped})', flush=True)
+        model['sweep'] = run_sweep
+
+
 def main(argv=None):
     args = parse_args(argv)
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
@@ -55,7 +71,8 @@ def main(argv=None):
     from mm_adapter.compat import trust_checkpoints_in
     from mm_adapter.runtime import build_runner, cfg_options, init_distributed_without_cuda, prepare_config
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(cfg_options(args.cfg_options))
+    sweep_of_the_run(cfg, args.config, args.checkpoint)
+    cfg.merge_from_dict(cfg_options(args.cfg_options))  # an explicit model.sweep=... still wins
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False
