@@ -13,15 +13,15 @@ them up without scope):
 
 """
 import mm_adapter  # noqa: F401  (applies the mmcv.ops shim before mmseg is imported, registers InternViT)
+from mm_adapter.compat import trust_checkpoints_in  # noqa: E402
 
 from .datasets import CheckedADE20KDataset, LoadAndCheckAnnotations, SyntheticADE20KDataset, few_shot_subset  # noqa: E402
 from .fsdp import InternViTBlockFSDP  # noqa: E402
 from .heads import LinearBNHead  # noqa: E402
 from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
-from .metrics import IoUTableMetric  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
+from .metrics import IoUTableMetric  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
-from mm_adapter.compat import trust_checkpoints_in  # noqa: E402
 
 # Checkpoints read outside tools/train.py (mmseg.apis.init_model, MMSegInferencer, tools/image_demo.py) load weights
 # only; a training entry point later trusts its own work dir for resuming (mm_adapter.compat.trust_checkpoints_in).

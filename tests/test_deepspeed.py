@@ -11,9 +11,15 @@ import torch
 
 pytest.importorskip('deepspeed')
 
-from test_segmentation_distributed import (ROOT, free_port, reference_run, save_initial_weights,  # noqa: E402
-                                           update_error, write_config)
 from mmengine.config import Config  # noqa: E402
+from test_segmentation_distributed import (  # noqa: E402
+    ROOT,
+    free_port,
+    reference_run,
+    save_initial_weights,
+    update_error,
+    write_config,
+)
 
 from backbones import InternViT  # noqa: E402
 from backbones.reading import safe_torch_load  # noqa: E402
@@ -79,7 +85,8 @@ def test_deepspeed_zero3_two_processes_train_resume_export(tmp_path):
     assert update_error(trained, reference, initial) < 0.06
 
     out = tmp_path / 'export'
-    proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_to_chat.py'), str(work / 'weights_iter_3.pth'),
+    proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_to_chat.py'),
+                           str(work / 'weights_iter_3.pth'),
                            str(out), '--image-size', '56', '--dtype', 'float32', '--verify'],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
                           timeout=300)

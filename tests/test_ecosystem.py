@@ -98,6 +98,7 @@ def test_run_config_text_is_parsed_never_executed(tmp_path):
 # --------------------------------------------------------------------------------------------- timm
 def test_timm_create_model_returns_the_project_backbone():
     import timm
+
     import backbones  # noqa: F401  (registers the presets)
     assert {'internvit_6b_224', 'internvit_6b_448', 'internvit_300m_448'} <= set(timm.list_models('internvit*'))
     with torch.device('meta'):
@@ -151,6 +152,7 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_hub_ids_resolve_through_the_cache_offline(offline_hub):
     import timm
+
     from backbones.arch_config import hf_config_from_arch  # noqa: F401
     from backbones.writing import write_hf
     model = randomized('internvit_tiny', seed=5)
@@ -166,8 +168,8 @@ def test_hub_ids_resolve_through_the_cache_offline(offline_hub):
 
 def test_missing_hub_id_names_the_download_command(offline_hub, tmp_path, monkeypatch):
     from chat import load_chat_model
-    with pytest.raises(FileNotFoundError, match=r'checkpoint OpenGVLab/InternViT-6B-448px-V1-5 is not a local path.*'
-                                                r'HF_HUB_OFFLINE is set.*hf download OpenGVLab/InternViT-6B-448px-V1-5'):
+    missing = r'checkpoint OpenGVLab/InternViT-6B-448px-V1-5 is not a local path.*HF_HUB_OFFLINE is set.*'
+    with pytest.raises(FileNotFoundError, match=missing + r'hf download OpenGVLab/InternViT-6B-448px-V1-5'):
         InternViT.from_pretrained('OpenGVLab/InternViT-6B-448px-V1-5')
     with pytest.raises(FileNotFoundError, match=r'chat checkpoint directory OpenGVLab/InternVL-Chat-V1-5 is not a '
                                                 r'local path.*hf download OpenGVLab/InternVL-Chat-V1-5'):
@@ -267,8 +269,8 @@ def test_tiny_run_writes_per_class_tables_best_checkpoint_curves_and_ties_the_sc
     from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
     data_root = make_tiny_dataset(str(tmp_path / 'synth'), num_train=4, num_val=2, size=112)
     work = tmp_path / 'run'
-    options = as_cli(tiny_run_options(data_root, 4, batch_size=2, **{'train_cfg.val_interval': 2, 'param_scheduler.0.end': 2,
-                                                                    'param_scheduler.1.begin': 2}))
+    options = as_cli(tiny_run_options(data_root, 4, batch_size=2, **{
+        'train_cfg.val_interval': 2, 'param_scheduler.0.end': 2, 'param_scheduler.1.begin': 2}))
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), QUICKSTART_CONFIG, '--work-dir',
                            str(work), '--cfg-options', *options], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore'), timeout=400)
@@ -305,13 +307,15 @@ def test_tensorboard_switch_writes_event_files(tmp_path):
 
     from segmentation.testing import QUICKSTART_CONFIG
     config = tmp_path / 'tb.py'
-    config.write_text(f"_base_ = [{QUICKSTART_CONFIG!r}]\nvisualizer = dict(vis_backends=[dict(type='LocalVisBackend'), "
+    config.write_text(f"_base_ = [{QUICKSTART_CONFIG!r}]\n"
+                      f"visualizer = dict(vis_backends=[dict(type='LocalVisBackend'), "
                       f"dict(type='TensorboardVisBackend')])\n")
     cfg = Config.fromfile(str(config))
     visualizer = VISUALIZERS.build(dict(cfg.visualizer, name='tb_test', save_dir=str(tmp_path / 'vis')))
     visualizer.add_scalars({'loss': 1.5}, step=1)
     visualizer.close()
-    assert list((tmp_path / 'vis').rglob('events.out.tfevents.*')) and (tmp_path / 'vis' / 'vis_data' / 'scalars.json').is_file()
+    assert list((tmp_path / 'vis').rglob('events.out.tfevents.*'))
+    assert (tmp_path / 'vis' / 'vis_data' / 'scalars.json').is_file()
 
 
 # --------------------------------------------------------------------------------------------- Slurm
