@@ -33,6 +33,7 @@ optim_wrapper = dict(_delete_=True, type='DeepSpeedOptimWrapper',
 strategy = dict(type='DeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
                 zero_optimization=dict(stage=3, stage3_gather_16bit_weights_on_model_save=True))
 custom_hooks = [dict(type='FinalWeightsHook')]
+default_hooks = dict(checkpoint=dict(save_best=None))  # as the DeepSpeed config: see there
 '''
 
 
@@ -57,8 +58,7 @@ def test_deepspeed_zero3_two_processes_train_resume_export(tmp_path):
     # (validation only at the end of the resumed run)
     options = tiny_run_options(data_root, 2, batch_size=2, **{'model.init_cfg.type': 'Pretrained',
                                                                'model.init_cfg.checkpoint': str(tmp_path / 'init.pth'),
-                                                               'train_cfg.val_interval': 3,
-                                                               'default_hooks.checkpoint.save_best': None})
+                                                               'train_cfg.val_interval': 3})
     cfg.merge_from_dict({k: v for k, v in options.items() if not k.startswith('model.init_cfg')})
     initial = save_initial_weights(cfg, tmp_path / 'init.pth')
     cfg.optim_wrapper.type = 'OptimWrapper'  # the single-process reference: the same optimizer without DeepSpeed
