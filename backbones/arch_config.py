@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Mapping
 
 import torch
@@ -59,8 +60,11 @@ def _infer_from_tensors(sd: Mapping[str, torch.Tensor]) -> dict:
     fields = dict(embed_dim=int(width), in_chans=int(in_chans), patch_size=int(patch), depth=layers[-1] + 1,
                   qkv_bias=first + 'attn.qkv.bias' in sd, qk_norm=first + 'attn.q_norm.weight' in sd,
                   norm_type='layer_norm' if first + 'norm1.bias' in sd else 'rms_norm')
-    if first + 'mlp.fc1.weight' in sd:
-        fields['mlp_dim'] = int(sd[first + 'mlp.fc1.weight'].shape[0])
+    # The width most layers have: a single wrong tensor (even in layer 0) is then the one reported as mismatched.
+    mlp_widths = Counter(int(sd[f'encoder.layers.{i}.mlp.fc1.weight'].shape[0]) for i in layers
+                         if f'encoder.layers.{i}.mlp.fc1.weight' in sd)
+    if mlp_widths:
+        fields['mlp_dim'] = mlp_widths.most_common(1)[0][0]
     if POS_KEY in sd:
         n = sd[POS_KEY].shape[1] - 1
         side = math.isqrt(n)

@@ -16,6 +16,7 @@ the file is executed. Any other global is refused.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -83,12 +84,14 @@ def _reason(err: Exception, signs: Iterable[str] = ()) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
+def safe_torch_load(path: str | os.PathLike, any_object: bool = False) -> Any:
     """``torch.load(weights_only=True)`` on CPU, with errors that name the file.
 
     MMEngine training checkpoints also pickle their message hub and numpy scalars; those objects are replaced by
     inert stand-ins (nothing of theirs runs), so the tensors and plain metadata of any run's checkpoint can be
-    read safely. Any other non-tensor global stays refused (``WeightsError``).
+    read safely. Any other non-tensor global stays refused (``WeightsError``), unless ``any_object``: then every
+    global gets a stand-in (for files whose tensors are wanted beside foreign objects, e.g. the published probe
+    head's yacs config); a dict subclass becomes a plain ``OrderedDict`` of its (equally inert) contents.
     """
     path = Path(path)
     is_zip = zipfile.is_zipfile(path)
@@ -101,12 +104,19 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                 raise
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
             refused = [n for n in names if not _can_stand_in(n)]
-            if refused:
+            if refused and not any_object:
                 raise
-            with torch.serialization.safe_globals([(_Opaque, n) for n in names]):
-                obj = torch.load(path, **kwargs)
+            try:
+                with torch.serialization.safe_globals([(_Opaque, n) for n in names]):
+                    obj = torch.load(path, **kwargs)
+            except pickle.UnpicklingError as err:  # a foreign dict subclass: its items need a real dict
+                if not refused or 'SETITEM' not in str(err):
+                    raise
+                with torch.serialization.safe_globals([(_Opaque, n) for n in names if n not in refused]
+                                                      + [(collections.OrderedDict, n) for n in refused]):
+                    obj = torch.load(path, **kwargs)
             logger.info(f'{path}: non-tensor objects ({", ".join(sorted(names))}) were not unpickled '
-                      f'(replaced by inert stand-ins); tensors read with weights_only=True')
+                        f'(replaced by inert stand-ins); tensors read with weights_only=True')
             return obj
     except pickle.UnpicklingError as err:
         if not any(sign in str(err) for sign in _REFUSALS):

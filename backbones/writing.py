@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 
 from .arch_config import _square, hf_config_from_arch, native_config_from_arch, vision_config_of
-from .atomic import _refuse_existing, atomic_dir, atomic_path, json_dump
+from .atomic import atomic_dir, atomic_path, check_replaceable, json_dump
 from .dtypes import as_dtype
 from .internvit import InternViT
 from .layouts import (
@@ -90,21 +90,23 @@ def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_
 
 def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_dir: str | os.PathLike, *,
              image_size: int | None = None, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2 ** 30,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Write an HF ``InternVisionModel`` directory (config.json + safetensors), loadable by the published code.
 
     The position embedding is resampled to ``image_size`` (default: the arch's) and config.json says so.
     Written into a temporary directory beside ``out_dir`` and renamed at the end; an existing ``out_dir`` is
-    refused unless ``overwrite``, and then replaced only once the new one is complete.
+    refused unless ``overwrite`` and a previous export not containing ``source`` (the file or directory the
+    weights came from, also named in errors about them), and then replaced only once the new one is complete.
     """
     out = Path(out_dir)
-    _refuse_existing(out.expanduser().absolute(), overwrite)
+    sources = [source] if source is not None else []
+    check_replaceable(out, overwrite, sources)
     dtype = _as_torch_dtype(dtype)
-    sd, target = _prepare_export(state_dict, arch, image_size, str(out))
+    sd, target = _prepare_export(state_dict, arch, image_size, str(source or 'the exported state dict'))
     config = hf_config_from_arch(target)
     tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in sd.items()}
     config['torch_dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, sources) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
     logger.info(f'wrote HF InternVisionModel directory {out} ({target.depth} layers, {target.img_size}px, '
@@ -114,7 +116,7 @@ def write_hf(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_di
 
 def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch, out_dir: str | os.PathLike, *,
                     image_size: int | None = None, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2 ** 30,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Write the vision tower in transformers' native layout (``InternVLVisionModel.from_pretrained(out_dir)``).
 
     Same atomicity rules as ``write_hf``. transformers' q/k norms use eps 1e-6 whatever the config says, so an
@@ -124,13 +126,14 @@ def write_hf_native(state_dict: Mapping[str, torch.Tensor], arch: InternViTArch,
         raise WeightsError(f"transformers' InternVLVisionModel fixes the q/k-norm eps at 1e-6; this arch has "
                            f'{arch.norm_eps}')
     out = Path(out_dir)
-    _refuse_existing(out.expanduser().absolute(), overwrite)
+    sources = [source] if source is not None else []
+    check_replaceable(out, overwrite, sources)
     dtype = _as_torch_dtype(dtype)
-    sd, target = _prepare_export(state_dict, arch, image_size, str(out))
+    sd, target = _prepare_export(state_dict, arch, image_size, str(source or 'the exported state dict'))
     tensors = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in from_canonical(sd, 'native').items()}
     config = native_config_from_arch(target)
     config['dtype'] = _dtype_name(dtype or next(iter(tensors.values())).dtype)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, sources) as tmp:
         json_dump(config, tmp / 'config.json')
         save_safetensors_shards(tensors, tmp, max_shard_bytes)
     logger.info(f'wrote native InternVLVisionModel directory {out}')
@@ -162,7 +165,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
             _is_within(chat.resolve(), out.resolve()):
         raise WeightsError(f'refusing to write {out} over or inside the chat checkpoint {chat}: '
                            'the export is never made in place; choose another output directory')
-    _refuse_existing(out, overwrite)
+    check_replaceable(out, overwrite, [source] if Path(source).exists() else [])
     config = _read_config(chat)
     vision = vision_config_of(config)
     if vision is None or 'vision_config' not in (config or {}):
@@ -198,7 +201,7 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
                            + '; '.join(mismatched[:5]) + (f'; and {len(mismatched) - 5} more'
                                                          if len(mismatched) > 5 else ''))
     touched = {files[k] for k in specs}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, [source] if Path(source).exists() else []) as tmp:
         for item in _walk_files(chat):
             rel = item.relative_to(chat)
             target = tmp / rel

@@ -6,6 +6,7 @@ Importing the package registers everything in MMEngine's root registries (config
 import mm_adapter  # noqa: F401  (registers InternViT in MMEngine's registry)
 
 from .backbone_identity import backbone_identity, weights_sha256
+from .checkpoint import ProbeCheckpointError, read_probe_checkpoint
 from .datasets import (
     DatasetLayoutError,
     HeldOutSplit,
@@ -15,13 +16,14 @@ from .datasets import (
     ImageNetV2Folder,
     ImageReadError,
     probe_collate,
+    published_class_subset,
     read_class_list,
     stratified_holdout,
 )
 from .feature_cache import CachedFeatures, StaleFeatureCacheError, manifest_differences, prepare_feature_caches
-from .heads import FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
-from .hooks import FeatureCacheHook, HeadSelectionHook
-from .loops import MultiSetTestLoop, format_results_table
+from .heads import AttentionPooling, FeatureSpec, ProbeBatchNorm, ProbeHead, summarize_tokens
+from .hooks import FeatureCacheHook, HeadEMAHook, HeadSelectionHook, ProbeCheckpointHook
+from .loops import MissingEvaluationSetError, MultiSetTestLoop, format_results_table
 from .metrics import ImageNetAccuracy, topk_hits
 from .model import (
     DEFAULT_SWEEP_FEATURES,
@@ -31,8 +33,9 @@ from .model import (
     ProbeDataPreprocessor,
     probe_record,
 )
-from .optim import LinearProbeOptimWrapperConstructor
+from .optim import LinearProbeOptimWrapperConstructor, ProbeOptimWrapper
 from .runner import ProbeRunner, apply_sweep_switch
+from .schedule import TimmCosineLR
 from .transforms import ProbeEvalTransform, ProbeTrainTransform
 
 __all__ = [
@@ -44,5 +47,7 @@ __all__ = [
     'StaleFeatureCacheError', 'manifest_differences', 'prepare_feature_caches', 'FeatureCacheHook',
     'HeadSelectionHook', 'MultiSetTestLoop', 'format_results_table', 'ImageNetAccuracy', 'topk_hits',
     'LinearProbeOptimWrapperConstructor', 'ProbeTrainTransform', 'ProbeEvalTransform', 'ProbeRunner',
-    'apply_sweep_switch',
+    'apply_sweep_switch', 'AttentionPooling', 'HeadEMAHook', 'ProbeCheckpointError', 'read_probe_checkpoint',
+    'ProbeOptimWrapper', 'TimmCosineLR', 'ProbeCheckpointHook', 'MissingEvaluationSetError',
+    'published_class_subset',
 ]

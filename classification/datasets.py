@@ -3,8 +3,9 @@
 Every dataset's labels index the IN-1K class list (WordNet ids in sorted order), because the probe's logits do:
 
 * ``ImageNetFolder``: ``root/<wnid>/<image>`` (IN-1K train and val, ImageNet-Sketch). With
-  ``class_subset_from_folders=True`` (ImageNet-A, ImageNet-R) the folders are a subset of the class list and the
-  metric restricts the 1000-way logits to them.
+  ``class_subset='imagenet_a'`` / ``'imagenet_r'`` (the published 200-class masks, timm's shipped index lists) the
+  folders must be exactly those classes and the metric restricts the 1000-way logits to them
+  (``class_subset_from_folders=True``: whichever classes the folders hold, for small test sets).
 * ``ImageNetFileList``: ``ann_file`` lines ``<relative path> <label>`` under ``data_root``.
 * ``ImageNetV2Folder``: the matched-frequency release, folders named ``0`` ... ``999`` by class index.
 * ``ImageNetReaL``: IN-1K val images (class folders or flat) with the reassessed multi-label json
@@ -64,6 +65,27 @@ def read_class_list(source: str | Sequence[str]) -> list[str]:
     return classes
 
 
+PUBLISHED_SUBSETS = {'imagenet_a': 'imagenet_a_indices.txt', 'imagenet_r': 'imagenet_r_indices.txt'}
+
+
+def published_class_subset(subset, num_classes: int = 1000) -> list[int]:
+    """IN-1K class indices of a 200-class set: ``'imagenet_a'`` / ``'imagenet_r'`` read timm's shipped lists (the
+    published masks), a list is taken as given."""
+    if isinstance(subset, str):
+        if subset not in PUBLISHED_SUBSETS:
+            raise ValueError(f'class_subset must be one of {sorted(PUBLISHED_SUBSETS)} or a list of indices, '
+                             f'got {subset!r}')
+        from importlib.resources import files
+        text = files('timm.data').joinpath('_info', PUBLISHED_SUBSETS[subset]).read_text()
+        indices = [int(line) for line in text.split()]
+    else:
+        indices = [int(i) for i in subset]
+    bad = [i for i in indices if not 0 <= i < num_classes]
+    if bad or len(set(indices)) != len(indices):
+        raise ValueError(f'class_subset {subset!r}: indices must be distinct and within 0..{num_classes - 1}')
+    return sorted(indices)
+
+
 def _class_source_name(source) -> str:
     return f'{len(source)} given classes' if isinstance(source, (list, tuple)) else str(source)
 
@@ -106,10 +128,17 @@ class ProbeImageDataset(Dataset):
         return len(self.samples)
 
     def file_list_sha256(self) -> str:
+        """sha256 over every image's relative path, label, size and modification time: a feature cache made from
+        other files, or from files since replaced, differs from it."""
         if self._file_list_sha256 is None:  # the list is fixed once built; the cache hooks ask every epoch
             digest = hashlib.sha256()
             for path, label in self.samples:
-                digest.update(f'{os.path.relpath(path, self.root)}\t{label}\n'.encode())
+                try:
+                    st = os.stat(path)
+                    stat = f'{st.st_size}\t{st.st_mtime_ns}'
+                except OSError:
+                    stat = 'missing'
+                digest.update(f'{os.path.relpath(path, self.root)}\t{label}\t{stat}\n'.encode())
             self._file_list_sha256 = digest.hexdigest()
         return self._file_list_sha256
 
@@ -149,19 +178,38 @@ class ImageNetFolder(ProbeImageDataset):
         root: the split folder (e.g. ``data/imagenet/val``).
         classes: the IN-1K class list (see ``read_class_list``); None: the sub-folders of ``root`` are the
             classes. With a list, every class must have its folder and every folder must be a class.
-        class_subset_from_folders: the folders are a subset of ``classes`` (ImageNet-A/-R: 200 of 1000); the
-            metric then restricts the logits to those classes.
+        class_subset: the published 200-class mask of ImageNet-A or -R (``'imagenet_a'``, ``'imagenet_r'``: timm's
+            shipped index lists) or a list of class indices: the folders must be exactly those classes, and the
+            metric restricts the 1000-way logits to them.
+        class_subset_from_folders: the folders are some subset of ``classes`` (small test sets); the metric
+            restricts the logits to the classes present.
     """
 
     def __init__(self, root: str, pipeline, classes=None, class_subset_from_folders: bool = False,
-                 name: str = 'IN-1K'):
+                 name: str = 'IN-1K', class_subset=None):
         root_path = Path(root)
         _check_root(root_path, name)
         present = sorted(entry.name for entry in os.scandir(root_path) if entry.is_dir())
         class_list = read_class_list(classes) if classes is not None else present
         index = {c: i for i, c in enumerate(class_list)}
         subset = None
-        if class_subset_from_folders:
+        if class_subset is not None:
+            if classes is None or class_subset_from_folders:
+                raise ValueError(f'{name}: class_subset needs the IN-1K class list in `classes` and excludes '
+                                 f'class_subset_from_folders')
+            subset = published_class_subset(class_subset, len(class_list))
+            wanted = [class_list[i] for i in subset]
+            present_set, wanted_set = set(present), set(wanted)
+            missing = [c for c in wanted if c not in present_set]
+            if missing:
+                raise DatasetLayoutError(f'{name}: class folder {root_path / missing[0]} is missing ({len(missing)} '
+                                         f'of the {len(wanted)} classes of {class_subset!r} missing)')
+            extra = [f for f in present if f not in wanted_set]
+            if extra:
+                raise DatasetLayoutError(f'{name}: folder {root_path / extra[0]} is not one of the {len(wanted)} '
+                                         f'classes of {class_subset!r} ({len(extra)} such folders)')
+            folders = {c: index[c] for c in wanted}
+        elif class_subset_from_folders:
             if classes is None:
                 raise ValueError(f'{name}: class_subset_from_folders needs the IN-1K class list in `classes`')
             unknown = [f for f in present if f not in index]

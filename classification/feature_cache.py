@@ -4,18 +4,23 @@ Layout of a cache directory::
 
     manifest.json          what the features are of (compared field by field on every use)
     shard_00000.npy        float32 (or float16) [n, L, 2, C]: cls and patch-mean of the last L layers
-    shard_00000.done       written after its shard file is complete (json: count, seconds)
+    shard_00000.done       written after its shard file is complete (json: count, seconds, sha256 of the shard)
 
 Shards hold ``shard_size`` consecutive dataset indices; the unfinished ones are spread over ranks round-robin
 (so a resumed extraction is shared evenly too); each rank writes
 its shards through a memory map into a temporary file that is renamed when complete, then drops a done marker.
 An interrupted extraction resumes with the shards that have no marker. A manifest that differs from the current
 backbone (weights sha256, architecture, compute dtype), resolution, transform, normalization, dataset file list
-or storage settings is refused with the differing fields named; delete the directory (or point ``cache_dir``
-elsewhere) to re-extract. All ranks must see the same directory (a shared filesystem on multi-node runs).
+or storage settings is refused with the differing fields named; the dataset's fingerprint covers every image
+file's path, label, size and modification time, so replaced images make the cache stale too. Delete the directory
+(or point ``cache_dir`` elsewhere) to re-extract. A directory that holds shards but no manifest is refused (the
+manifest is never written over shards of unknown origin). Each shard's sha256 is recorded in its done marker and
+checked when the shard is first read; a truncated or altered shard is an error naming the file. All ranks must see
+the same directory (a shared filesystem on multi-node runs).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -141,12 +146,21 @@ class CachedFeatures(Dataset):
         """Validate the manifest (writing it if new) and extract this rank's missing shards; every rank returns
         after all shards exist. Returns the number of images this rank pushed through the backbone."""
         model = model.module if is_model_wrapper(model) else model
+        if model.needs_tokens:
+            raise ValueError(f'feature cache {self.cache_dir}: the attention-pooling head reads the token sequence, '
+                             f'which the cache (summaries only) does not hold; train it on images')
         rank, world = get_dist_info()
         expected = self.expected_manifest(model)
         manifest = self.cache_dir / 'manifest.json'
         if rank == 0:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             if not manifest.is_file():
+                leftovers = sorted(p.name for p in self.cache_dir.glob('shard_*'))
+                if leftovers:
+                    raise StaleFeatureCacheError(
+                        f'feature cache {self.cache_dir} holds shards ({", ".join(leftovers[:3])}, ...) but no '
+                        f'manifest.json, so what they were extracted from is unknown; refusing to write a manifest '
+                        f'over them. Delete {self.cache_dir} or set another cache_dir to extract again.')
                 _write_json_atomic(manifest, expected)
         barrier()
         self._check_manifest(expected)
@@ -203,7 +217,8 @@ class CachedFeatures(Dataset):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _write_json_atomic(self._done_path(shard), dict(count=len(indices), seconds=round(time.time() - start, 3)))
+        _write_json_atomic(self._done_path(shard), dict(count=len(indices), seconds=round(time.time() - start, 3),
+                                                        sha256=_file_sha256(self._shard_path(shard))))
         print_log(f'feature cache {self.cache_dir}: shard {shard} ({len(indices)} images) in '
                   f'{time.time() - start:.1f} s', logger='current')
         return len(indices)
@@ -220,7 +235,33 @@ class CachedFeatures(Dataset):
             if not self._is_done(shard):
                 raise RuntimeError(f'feature cache {self.cache_dir}: shard {shard} has not been extracted; add '
                                    f"dict(type='FeatureCacheHook') to custom_hooks so it is prepared before use")
-            array = self._shards[shard] = np.load(self._shard_path(shard), mmap_mode='r')
+            array = self._shards[shard] = self._open_verified(shard)
+        return array
+
+    def _open_verified(self, shard: int) -> np.ndarray:
+        """The shard's memory map, after its sha256 matched its done marker's and its shape the manifest's."""
+        path = self._shard_path(shard)
+        try:
+            recorded = json.loads(self._done_path(shard).read_text()).get('sha256')
+        except (OSError, ValueError) as err:
+            raise StaleFeatureCacheError(f'feature cache shard marker {self._done_path(shard)} is unreadable: '
+                                         f'{err}') from None
+        if recorded is None:
+            raise StaleFeatureCacheError(f'feature cache shard {path} has no recorded checksum (made by an older '
+                                         f'version); delete {self.cache_dir} to extract again')
+        actual = _file_sha256(path)
+        if actual != recorded:
+            raise StaleFeatureCacheError(f'feature cache shard {path} is truncated or altered: sha256 {actual} '
+                                         f'differs from the recorded {recorded}; delete it and its .done marker '
+                                         f'to extract it again')
+        try:
+            array = np.load(path, mmap_mode='r')
+        except (ValueError, OSError) as err:
+            raise StaleFeatureCacheError(f'feature cache shard {path} cannot be read: {err}') from None
+        first = shard * self.shard_size
+        rows = min(self.shard_size, len(self.dataset) - first)
+        if array.shape[0] != rows:
+            raise StaleFeatureCacheError(f'feature cache shard {path} holds {array.shape[0]} rows, expected {rows}')
         return array
 
     def __getitem__(self, index: int) -> dict:
@@ -228,6 +269,14 @@ class CachedFeatures(Dataset):
         real = getattr(self.dataset, 'real_labels', None)
         return dict(inputs=torch.from_numpy(row), label=int(self.labels[index]), index=index,
                     real_labels=None if real is None else real[index], input_kind='summaries')
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def prepare_feature_caches(dataset, model) -> int:

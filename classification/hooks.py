@@ -7,7 +7,7 @@ import os
 
 import torch
 from mmengine.dist import all_reduce, is_main_process
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -102,8 +102,8 @@ class HeadSelectionHook(Hook):
             for batch in self._loader:
                 data = model.data_preprocessor(batch, False)
                 inputs = data['inputs']
-                summaries = model.summaries(inputs) if data['input_kind'] == 'images' else inputs
-                predictions = model.head_logits(summaries).argmax(-1)  # [H, B]
+                summaries, tokens = model.features(inputs) if data['input_kind'] == 'images' else (inputs, None)
+                predictions = model.head_logits(summaries, tokens=tokens).argmax(-1)  # [H, B]
                 labels = data['data_samples']['labels']
                 correct += (predictions == labels).sum(1).double().cpu()
                 seen += labels.numel()
@@ -138,3 +138,57 @@ class HeadSelectionHook(Hook):
         if is_main_process():
             path = os.path.join(runner.work_dir, 'heldout_selection.json')
             json_dump(model.selection, path, indent=1, ensure_ascii=True)
+
+
+@HOOKS.register_module()
+class HeadEMAHook(Hook):
+    """After every optimizer step, moves each head's EMA copy towards it (``LinearProbe.update_ema``; the model's
+    ``ema_decay``). Harmless when the model keeps no EMA, so the classification runtime always includes it."""
+
+    priority = 'NORMAL'
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        wrapper = runner.optim_wrapper
+        if hasattr(wrapper, 'should_update') and not wrapper.should_update():
+            return  # gradient accumulation: no optimizer step this iteration
+        _unwrap(runner.model).update_ema()
+
+
+@HOOKS.register_module()
+class ProbeCheckpointHook(CheckpointHook):
+    """``CheckpointHook`` that keeps the best epoch of the plain head and of its EMA copy (``save_best=['top1',
+    'ema_top1']``) and drops the EMA key when the model keeps no EMA (``model.ema_decay=None``). After training it
+    logs, and writes to ``work_dir/best_and_last.json``, each key's best value (with its epoch) and last value: the
+    published number is the best epoch of the plain head on IN-1K val."""
+
+    def before_train(self, runner) -> None:
+        if getattr(_unwrap(runner.model), 'ema_heads', None) is None and getattr(self, 'key_indicators', None):
+            kept = [(k, r) for k, r in zip(self.key_indicators, self.rules) if not k.startswith('ema_')]
+            self.key_indicators, self.rules = [k for k, _ in kept], [r for _, r in kept]
+            if not self.key_indicators:
+                self.save_best = None
+        self._history: list[tuple[int, dict]] = []
+        super().before_train(runner)
+
+    def after_val_epoch(self, runner, metrics) -> None:
+        self._history.append((runner.epoch, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        super().after_val_epoch(runner, metrics)
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        history = getattr(self, '_history', None)
+        if not history or not getattr(self, 'key_indicators', None):
+            return
+        summary = {}
+        for key, rule in zip(self.key_indicators, self.rules):
+            values = [(epoch, m[key]) for epoch, m in history if key in m]
+            if not values:
+                continue
+            pick = max if rule == 'greater' else min
+            best_epoch, best = pick(values, key=lambda item: item[1])
+            summary[key] = dict(best=best, best_epoch=best_epoch, last=values[-1][1], last_epoch=values[-1][0])
+        print_log('best and last: ' + '; '.join(f"{k} best {v['best']:.2f} (epoch {v['best_epoch']}), last "
+                                                f"{v['last']:.2f} (epoch {v['last_epoch']})"
+                                                for k, v in summary.items()), logger='current')
+        if is_main_process():
+            json_dump(summary, os.path.join(runner.work_dir, 'best_and_last.json'), indent=1)

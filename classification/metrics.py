@@ -40,10 +40,11 @@ class ImageNetAccuracy(BaseMetric):
     """Top-k accuracy (in %) of the predicted head(s).
 
     Args:
-        topk: the k to report; ReaL reports top-1 only (its labels were made for top-1).
+        topk: the k to report (ReaL too: a top-k hit is any of the k classes inside the image's label set).
         real: score against the samples' ReaL label lists; unlabeled images are left out of the mean.
     The 200-class restriction comes from the dataset's ``class_subset`` (see ``ImageNetFolder``).
-    Several heads predicted at once give ``top1/head<i>`` entries as well.
+    Predictions name their heads: the selected head gives ``top1``, ``top5``; its EMA copy ``ema_top1``, ...;
+    all heads of a sweep at once (``predict_all_heads``) also ``head<i>_top1``.
     """
 
     default_prefix = None
@@ -52,7 +53,7 @@ class ImageNetAccuracy(BaseMetric):
                  prefix: str | None = None):
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.real = real
-        self.topk = (1,) if real else tuple(int(k) for k in topk)
+        self.topk = tuple(int(k) for k in topk)
         self.classes_competing: int | None = None
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
@@ -63,7 +64,8 @@ class ImageNetAccuracy(BaseMetric):
                 raise ValueError('ImageNetAccuracy(real=True) needs ReaL labels; use the ImageNetReaL dataset')
             hits = topk_hits(sample['logits'], sample['label'], sample['real_labels'] if self.real else None,
                              subset, self.topk)
-            self.results.append(hits)
+            names = sample.get('names') or [''] + [f'head{i}' for i in range(1, sample['logits'].shape[0])]
+            self.results.append(None if hits is None else (tuple(names), hits))
 
     def compute_metrics(self, results: list) -> dict:
         labeled = [r for r in results if r is not None]
@@ -71,9 +73,9 @@ class ImageNetAccuracy(BaseMetric):
         metrics: dict[str, float] = dict(num_scored=float(len(labeled)), num_classes=float(self.classes_competing or 0))
         if not labeled:
             return dict(metrics, **{f'top{k}': float('nan') for k in self.topk})
+        names = labeled[0][0]
         for k in self.topk:
-            per_head = 100.0 * np.mean(np.stack([r[k] for r in labeled]), axis=0)
-            metrics[f'top{k}'] = float(per_head[0])
-            if len(per_head) > 1:
-                metrics.update({f'top{k}/head{i}': float(v) for i, v in enumerate(per_head)})
+            per_head = 100.0 * np.mean(np.stack([hits[k] for _, hits in labeled]), axis=0)
+            for name, value in zip(names, per_head):
+                metrics[f'{name}_top{k}' if name else f'top{k}'] = float(value)
         return metrics

@@ -15,8 +15,8 @@ class LinearProbeOptimWrapperConstructor:
     ``lr = head.lr`` (per 512 images; ``auto_scale_lr`` scales every group by the real batch / 512, and the
     schedulers scale each group from its own initial lr). The frozen backbone is never given to the optimizer.
 
-    The learning rates belong to the model (``model.lr`` or ``model.sweep.lrs``), so ``optimizer.lr`` must not
-    be set.
+    The learning rates belong to the model (``model.lr`` or ``model.sweep_lrs``), so ``optimizer.lr`` must not
+    be set. A plain ``OptimWrapper`` becomes a ``ProbeOptimWrapper`` (gradient clipping per head).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
@@ -40,5 +40,23 @@ class LinearProbeOptimWrapperConstructor:
         cfg.setdefault('lr', groups[0]['lr'])  # some optimizers require it; every group overrides it
         optimizer = OPTIMIZERS.build(cfg)
         wrapper_cfg = dict(self.optim_wrapper_cfg)
-        wrapper_cfg.setdefault('type', 'OptimWrapper')
+        if wrapper_cfg.get('type', 'OptimWrapper') in ('OptimWrapper', OptimWrapper):
+            wrapper_cfg['type'] = 'ProbeOptimWrapper'  # clip_grad per head
         return OPTIM_WRAPPERS.build(wrapper_cfg, default_args=dict(optimizer=optimizer))
+
+
+@OPTIM_WRAPPERS.register_module()
+class ProbeOptimWrapper(OptimWrapper):
+    """``OptimWrapper`` whose ``clip_grad`` applies to each parameter group (each head) on its own, so every head
+    of a sweep is clipped as if it trained alone (the published run clipped its one head at norm 5). Logs the
+    largest head norm as ``grad_norm``."""
+
+    def _clip_grad(self) -> None:
+        norms = []
+        for group in self.optimizer.param_groups:
+            params = [p for p in group['params'] if p.grad is not None]
+            norm = self.clip_func(params, **self.clip_grad_kwargs) if params else None
+            if norm is not None:  # (value clipping returns none)
+                norms.append(float(norm))
+        if norms:
+            self.message_hub.update_scalar('train/grad_norm', max(norms))

@@ -40,7 +40,8 @@ import types
 import warnings
 from typing import Any, Callable, Optional, Union
 
-__all__ = ['ensure_mmcv_ops', 'MissingCompiledOpError', 'trust_checkpoints_in', 'UntrustedCheckpointError']
+__all__ = ['ensure_mmcv_ops', 'MissingCompiledOpError', 'trust_checkpoints_in', 'UntrustedCheckpointError',
+           'CorruptCheckpointError']
 
 # --------------------------------------------------------------------------------------------------------------
 # 1. mmcv.ops stand-in
@@ -174,6 +175,16 @@ def _refusal(source: str, trusted_dir: Optional[str], err: Exception) -> Untrust
         f'state dict of tensors.')
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a PyTorch file); the message names it."""
+
+
+def _unreadable(filename: str, err: Exception) -> CorruptCheckpointError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    return CorruptCheckpointError(f'cannot read checkpoint {filename}: the file is corrupt or truncated, or not a '
+                                  f'PyTorch checkpoint ({type(err).__name__}: {first})')
+
+
 def _is_inside(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
@@ -218,7 +229,10 @@ def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
         if not os.path.isfile(filename):
             raise FileNotFoundError(f'{filename} can not be found.')
         if trusted is not None and _is_inside(os.path.realpath(filename), trusted):
-            return torch.load(filename, map_location=map_location, weights_only=False)
+            try:
+                return torch.load(filename, map_location=map_location, weights_only=False)
+            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+                raise _unreadable(filename, err) from err
         try:
             return torch.load(filename, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
@@ -228,9 +242,13 @@ def trust_checkpoints_in(work_dir: Optional[PathLike]) -> Optional[str]:
             from backbones.reading import safe_torch_load
             try:
                 checkpoint = safe_torch_load(filename)
-            except WeightsError:
+            except WeightsError as refused:
+                if str(refused).startswith('cannot read'):  # corrupt or truncated, not a refused object
+                    raise CorruptCheckpointError(str(refused)) from err
                 raise _refusal(filename, trusted, err) from err
             return _to_location(checkpoint, map_location)
+        except (RuntimeError, EOFError, ValueError) as err:  # e.g. PytorchStreamReader on a truncated zip
+            raise _unreadable(filename, err) from err
 
     def load_from_http(filename: str, map_location: Any = None, model_dir: Optional[str] = None) -> Any:
         from torch.hub import load_state_dict_from_url

@@ -4,7 +4,12 @@
 - ``--amp``: ``AmpOptimWrapper`` in bf16 where the GPU supports it (fp16 with dynamic loss scaling otherwise);
 - without CUDA (CPU runs, the tests): AMP is turned off, bf16/fp16 InternViT backbones run in fp32, distributed
   runs use gloo and CPU model wrappers -- each change is logged;
-- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies).
+- the runner: ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed strategies),
+  which loads ``load_from`` (and the checkpoint of ``tools/test.py``) strictly, in the project's names or the
+  published segmentor layout (``mm_adapter.strict_loading``; ``allow_partial_load=True`` in the config for a
+  deliberate partial load);
+- the checkpoint hook deletes outdated checkpoints only after the new one is complete, and checkpoints hold the
+  random states for an exact resume (``mm_adapter.run_safety``).
 """
 from __future__ import annotations
 
@@ -72,16 +77,42 @@ def _is_half(dtype) -> bool:
         return False  # a bad name is reported by the model when it is built
 
 
-def _half_backbones(node: Any, path: str = 'model'):
-    """Yield (path, dict) for every InternViT config dict with a half dtype."""
+def _internvit_nodes(node: Any, path: str = 'model'):
+    """Yield (path, dict) for every InternViT config dict."""
     if isinstance(node, dict):
-        if node.get('type') == 'InternViT' and _is_half(node.get('dtype')):
+        if node.get('type') == 'InternViT':
             yield path, node
         for key, value in node.items():
-            yield from _half_backbones(value, f'{path}.{key}')
+            yield from _internvit_nodes(value, f'{path}.{key}')
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
-            yield from _half_backbones(value, f'{path}[{i}]')
+            yield from _internvit_nodes(value, f'{path}[{i}]')
+
+
+def _half_backbones(node: Any, path: str = 'model'):
+    """Yield (path, dict) for every InternViT config dict with a half dtype."""
+    return ((p, n) for p, n in _internvit_nodes(node, path) if _is_half(n.get('dtype')))
+
+
+def skip_pretrained_held_by(cfg: Config, checkpoint: str) -> None:
+    """A checkpoint that holds the backbone (``backbone.*``; strict loading then sets every backbone tensor) makes
+    the config's ``pretrained`` backbone file unnecessary: it is not read, so evaluating a segmentor file needs no
+    ``pretrained/`` download. Checkpoints without the backbone (linear-probe heads) keep it."""
+    if not osp.isfile(checkpoint):
+        return
+    from backbones.layouts import WeightsError
+
+    from .strict_loading import read_checkpoint
+    try:
+        state_dict, _ = read_checkpoint(checkpoint)  # memory-mapped: only the key names are needed
+    except WeightsError:
+        return  # e.g. the published probe head (a yacs config beside it): the runner's own loader reads it
+    if not any(key.startswith('backbone.') for key in state_dict):
+        return
+    for path, backbone in _internvit_nodes(cfg.get('model', {})):
+        if backbone.get('pretrained'):
+            _note(f'{checkpoint} holds the backbone: {path}.pretrained ({backbone["pretrained"]}) is not read')
+            backbone['pretrained'] = None
 
 
 def adapt_to_cpu(cfg: Config) -> None:
@@ -140,6 +171,8 @@ def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None
     tie_schedule_to_max_iters(cfg)
     if not torch.cuda.is_available():
         adapt_to_cpu(cfg)
+    from .run_safety import install_run_safety
+    install_run_safety(cfg)  # rotation after the new checkpoint is written; random states saved for exact resume
     return cfg
 
 
@@ -199,14 +232,20 @@ def init_distributed_without_cuda(launcher: str) -> None:
 
 
 def build_runner(cfg: Config):
+    from .strict_loading import install_strict_loading, registered_converters
     install_atomic_local_backend()  # this run's checkpoints and last_checkpoint pointer are written atomically
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
-        return RUNNERS.build(cfg)
-    from mmengine.runner import Runner
-    return Runner.from_cfg(cfg)
+        runner = RUNNERS.build(cfg)
+    else:
+        from mmengine.runner import Runner
+        runner = Runner.from_cfg(cfg)
+    install_strict_loading(runner, allow_partial=bool(cfg.get('allow_partial_load', False)),
+                           convert=registered_converters)
+    return runner
 
 
-def trust_work_dir(cfg: Config) -> str:
-    """Full unpickling only for checkpoints inside this run's work dir (see ``mm_adapter.compat``)."""
-    return trust_checkpoints_in(cfg.work_dir)
+def trust_work_dir(cfg: Config) -> Optional[str]:
+    """Full unpickling only to resume (``cfg.resume``), and then only checkpoints inside this run's work dir (see
+    ``mm_adapter.compat``); ``load_from`` and everything else load with ``weights_only=True``, wherever they are."""
+    return trust_checkpoints_in(cfg.work_dir if cfg.get('resume') else None)

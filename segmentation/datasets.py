@@ -40,6 +40,22 @@ def few_shot_subset(names: Iterable[str], fraction: float, seed: int = 0) -> Lis
     return ranked[:few_shot_size(len(ranked), fraction)]
 
 
+def published_shuffle_subset(file_names: Iterable[str], fraction: float, seed: int) -> List[str]:
+    """The subset InternVL's mmseg-0.x ADE20K dataset drew with ``max_image_num = 20210 // k``: the image file names
+    sorted, shuffled by Python's ``random`` seeded with the run's seed, the first ``floor(n * fraction)`` kept.
+
+    This reproduces a published subset only with the seed of that run (mmseg 0.x logged it as "Set random seed to
+    N"; the configs do not fix it) and only if nothing drew from Python's ``random`` between seeding and building
+    the dataset (the published ``train.py`` builds the model in between; its initialisation uses torch's generator).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f'few-shot fraction must be in (0, 1], got {fraction}')
+    import random
+    names = sorted(set(file_names))
+    random.Random(seed).shuffle(names)
+    return names[:math.floor(len(names) * fraction)]
+
+
 def _relative_stem(path: str, folder: str, suffix: str) -> str:
     rel = osp.relpath(path, folder) if folder else path
     return rel[:-len(suffix)] if suffix and rel.endswith(suffix) else osp.splitext(rel)[0]
@@ -56,14 +72,23 @@ class CheckedADE20KDataset(ADE20KDataset):
     Args:
         fraction: keep this fraction of the images (1/16, 1/8, 1/4, 1/2, 1); see the module docstring.
         subset_seed: seed of the few-shot ranking; the published-style splits use 0.
+        subset_rule: ``'nested'`` (the project's: hash ranking, subsets nested, see the module docstring) or
+            ``'published_shuffle'`` (the published code's seeded shuffle, ``published_shuffle_subset``; give the
+            seed of the published run as ``subset_seed``).
         **kwargs: as for ``mmseg.datasets.ADE20KDataset``.
     """
 
-    def __init__(self, *args, fraction: float = 1.0, subset_seed: int = 0, **kwargs):
+    SUBSET_RULES = ('nested', 'published_shuffle')
+
+    def __init__(self, *args, fraction: float = 1.0, subset_seed: int = 0, subset_rule: str = 'nested', **kwargs):
         if not 0 < fraction <= 1:
             raise ValueError(f'{type(self).__name__}: fraction must be in (0, 1], got {fraction}')
+        if subset_rule not in self.SUBSET_RULES:
+            raise ValueError(f'{type(self).__name__}: subset_rule must be one of {self.SUBSET_RULES}, '
+                             f'got {subset_rule!r}')
         self.fraction = float(fraction)
         self.subset_seed = int(subset_seed)
+        self.subset_rule = subset_rule
         super().__init__(*args, **kwargs)
 
     def _check_folders(self, img_dir: Optional[str], ann_dir: Optional[str]) -> None:
@@ -85,7 +110,12 @@ class CheckedADE20KDataset(ADE20KDataset):
             raise FileNotFoundError(f'{type(self).__name__}: no images ending in {self.img_suffix} in {img_dir}'
                                     + (f' (listed by {self.ann_file})' if self.ann_file else ''))
         self._check_pairs(data_list)
-        if self.fraction < 1:
+        if self.fraction < 1 and self.subset_rule == 'published_shuffle':
+            files = {osp.relpath(info['img_path'], img_dir) if img_dir else info['img_path']: info
+                     for info in data_list}
+            keep = published_shuffle_subset(files, self.fraction, self.subset_seed)
+            data_list = sorted((files[name] for name in keep), key=lambda info: info['img_path'])
+        elif self.fraction < 1:
             stems = {_relative_stem(info['img_path'], img_dir, self.img_suffix): info for info in data_list}
             keep = few_shot_subset(stems, self.fraction, self.subset_seed)
             data_list = sorted((stems[name] for name in keep), key=lambda info: info['img_path'])
@@ -137,8 +167,12 @@ class LoadAndCheckAnnotations(LoadAnnotations):
         return super().transform(results)
 
     def _load_seg_map(self, results: dict) -> None:
-        super()._load_seg_map(results)
         path = results['seg_map_path']
+        try:
+            super()._load_seg_map(results)
+        except (OSError, ValueError, TypeError, AttributeError, SyntaxError) as err:  # PIL/cv2 decoding errors
+            raise OSError(f'cannot read annotation {path}: the file is corrupt, truncated or not an image '
+                          f'({type(err).__name__}: {err})') from err
         seg = results['gt_seg_map']
         if seg.ndim != 2:
             raise ValueError(f'annotation {path} has shape {seg.shape}; expected a single-channel label image')
@@ -159,3 +193,27 @@ class LoadAndCheckAnnotations(LoadAnnotations):
             raise ValueError(f'annotation {path} has label value(s) {raw[:10]} above the class count: the dataset '
                              f'has {num_classes} classes, so the file may only hold {valid} '
                              f'(or {self.ignore_index}, ignored)')
+
+
+@register_everywhere('TRANSFORMS')
+class ResizeShortSide:
+    """Resize keeping the aspect ratio so that the short side is ``size`` (the long side is not limited).
+
+    The published head/full-tuning test pipelines (mmseg 0.x ``SETR_Resize`` with ``setr_multi_scale``): the target
+    is computed in floats and handed to mmcv's rescale, as there. mmseg 1.x's ``ResizeShortestEdge`` rounds the
+    target first and caps the long side, which may differ by a pixel.
+    """
+
+    def __init__(self, size: int = 504, interpolation: str = 'bilinear'):
+        from mmcv.transforms import Resize
+        self.size = size
+        self.resize = Resize(scale=(size, size), keep_ratio=True, interpolation=interpolation)
+
+    def __call__(self, results: dict) -> dict:
+        h, w = results['img'].shape[:2]
+        # Floats, computed as published; mmcv's imrescale then takes the factor from them.
+        self.resize.scale = (self.size, self.size * h / w) if h > w else (self.size * w / h, self.size)
+        return self.resize(results)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(size={self.size})'

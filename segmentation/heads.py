@@ -24,7 +24,8 @@ class LinearBNHead(BaseDecodeHead):
                              f'input channels ({total}); got channels={channels}')
         kwargs.setdefault('norm_cfg', dict(type='SyncBN', requires_grad=True))
         super().__init__(in_channels=in_channels, channels=channels, **kwargs)
-        self.bn = build_norm_layer(self.norm_cfg, self.in_channels)[1]
+        # Named ``norm`` as in the published head (mmseg 0.x FCNHead with_norm), so ``decode_head.norm.*`` loads.
+        self.norm = build_norm_layer(self.norm_cfg, self.in_channels)[1]
 
     def forward(self, inputs):
-        return self.cls_seg(self.bn(self._transform_inputs(inputs)))
+        return self.cls_seg(self.norm(self._transform_inputs(inputs)))

@@ -4,10 +4,12 @@ Layer ids follow InternViT's parameter names: ``backbone.embeddings.*`` is layer
 is layer ``i + 1``, everything else (neck, heads) is layer ``num_layers + 1`` and keeps the base lr. A parameter at
 layer ``l`` gets ``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``.
 
-No weight decay for norms (``norm1``/``norm2``/``q_norm``/``k_norm`` and every norm layer in neck and heads), biases,
-layer scale (``ls1``/``ls2``), ``position_embedding`` and ``class_embedding``. The rule reads parameter names and the
-type of the module that owns each parameter, not shapes: under FSDP (``use_orig_params``) every parameter the
-optimizer sees is a flat 1-D shard.
+No weight decay for norms (``norm1``/``norm2``/``q_norm``/``k_norm`` and every norm layer in neck and heads), biases
+and layer scale (``ls1``/``ls2``). ``position_embedding`` and ``class_embedding`` get the base weight decay by default,
+as in the published runs (their constructor exempted 1-D tensors, biases and the names ``pos_embed``/``cls_token``,
+which never matched the prefixed names it saw); ``paramwise_cfg.embeddings_weight_decay=False`` exempts them.
+The rule reads parameter names and the type of the module that owns each parameter, not shapes: under FSDP
+(``use_orig_params``) every parameter the optimizer sees is a flat 1-D shard.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from torch import nn
 from backbones.internvit import RMSNorm
 
 from ._registry import register_everywhere
+from .neck import LayerNorm2d
 
 # Wrappers that insert a path component into parameter names (FSDP units with use_orig_params, checkpoint wrapper).
 _WRAPPER_COMPONENTS = re.compile(r'(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.')
 _BLOCK = re.compile(r'^backbone\.encoder\.layers\.(\d+)\.')
-NO_DECAY_NAMES = ('bias', 'ls1', 'ls2', 'position_embedding', 'class_embedding')
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, RMSNorm)
+NO_DECAY_NAMES = ('bias', 'ls1', 'ls2')
+EMBEDDING_NAMES = ('position_embedding', 'class_embedding')
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, RMSNorm, LayerNorm2d)
 
 
 def clean_param_name(name: str) -> str:
@@ -50,8 +54,10 @@ def internvit_layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def is_no_decay(name: str, owner: nn.Module) -> bool:
-    return isinstance(owner, NORM_TYPES) or name.split('.')[-1] in NO_DECAY_NAMES
+def is_no_decay(name: str, owner: nn.Module, embeddings_weight_decay: bool = True) -> bool:
+    leaf = name.split('.')[-1]
+    return (isinstance(owner, NORM_TYPES) or leaf in NO_DECAY_NAMES
+            or (not embeddings_weight_decay and leaf in EMBEDDING_NAMES))
 
 
 def named_parameters_with_owner(module: nn.Module):
@@ -72,6 +78,8 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         layer_decay_rate (float): per-layer lr factor (the published full tuning of 6B uses 0.95); 1.0 turns decay
             off but keeps the weight-decay exemptions.
         num_layers (int, optional): backbone depth; read from ``model.backbone.depth`` when left out.
+        embeddings_weight_decay (bool): weight decay on ``position_embedding`` / ``class_embedding`` (default
+            True, as published); False exempts them like norms and biases.
 
     Frozen parameters (``requires_grad=False``) are left out of the optimizer. The group table is logged once
     (under FSDP its element counts are this rank's shards).
@@ -80,10 +88,10 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
         paramwise_cfg = dict(paramwise_cfg or {})
         paramwise_cfg.setdefault('layer_decay_rate', 1.0)  # non-empty: MMEngine then calls add_params
-        unknown = set(paramwise_cfg) - {'layer_decay_rate', 'num_layers'}
+        unknown = set(paramwise_cfg) - {'layer_decay_rate', 'num_layers', 'embeddings_weight_decay'}
         if unknown:
             raise KeyError(f'InternViTLayerDecayOptimizerConstructor: unknown paramwise_cfg keys {sorted(unknown)}; '
-                           f'known: layer_decay_rate, num_layers')
+                           f'known: layer_decay_rate, num_layers, embeddings_weight_decay')
         rate = paramwise_cfg['layer_decay_rate']
         if not 0 < rate <= 1:
             raise ValueError(f'paramwise_cfg.layer_decay_rate must be in (0, 1], got {rate}')
@@ -103,12 +111,13 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     def add_params(self, params: List[dict], module: nn.Module, prefix: str = '', **kwargs) -> None:
         num_layers = self._num_layers(module)
         rate = float(self.paramwise_cfg['layer_decay_rate'])
+        embeddings_weight_decay = bool(self.paramwise_cfg.get('embeddings_weight_decay', True))
         groups: dict[tuple[int, bool], dict] = {}
         for name, param, owner in named_parameters_with_owner(module):
             if not param.requires_grad:
                 continue
             layer_id = internvit_layer_id(name, num_layers)
-            no_decay = is_no_decay(name, owner)
+            no_decay = is_no_decay(name, owner, embeddings_weight_decay)
             key = (layer_id, no_decay)
             if key not in groups:
                 scale = rate ** (num_layers + 1 - layer_id)

@@ -21,7 +21,7 @@ CACHED_SWEEP_CONFIG = osp.join(REPO, 'configs', 'classification',
                                'internvit_tiny_linear_probe_sweep_cached_synthetic.py')
 CLASSES = 6  # chance is 16.7 %
 # No augmentation, so one process with batch 6 and two with batch 3 see the same images in the same steps.
-NO_AUGMENTATION = ['train_dataloader.dataset.dataset.pipeline.type=ProbeEvalTransform']
+NO_AUGMENTATION = ['train_dataloader.dataset.dataset.pipeline.type=ProbeEvalTransform', 'model.mixup=None']
 
 
 @pytest.fixture(scope='module')
@@ -78,6 +78,12 @@ def test_published_recipe_learns_and_one_command_evaluates_every_set(workspace):
     # The single published head trains on all of train (144 images, batch 16: 9 iterations per epoch) and
     # holds nothing out: there is no head to choose.
     assert not (work_dir / 'heldout_selection.json').exists()
+    # best epoch of the plain head and of its EMA copy kept beside the last; both reported
+    summary = json.load(open(work_dir / 'best_and_last.json'))
+    assert set(summary) == {'top1', 'ema_top1'} and summary['top1']['last_epoch'] == 4
+    for key in ('top1', 'ema_top1'):
+        assert summary[key]['best'] >= summary[key]['last']
+        assert glob.glob(str(work_dir / f"best_{key}_epoch_{summary[key]['best_epoch']}.pth"))
     scalars = sorted(glob.glob(str(work_dir / '*' / 'vis_data' / 'scalars.json')))[-1]
     assert max(json.loads(line).get('iter', 0) for line in open(scalars)) == 4 * 9  # (with 30 held out: 4 * 8)
 
@@ -110,6 +116,7 @@ def test_two_gloo_processes_agree_with_one(workspace):
          '--cfg-options', f'model.num_classes={CLASSES}', 'train_dataloader.batch_size=3', *options],
         cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'terminate called' not in result.stderr  # no SIGABRT at exit (run_safety.finish_run)
     train_in_process(CONFIG, single_dir, 'train_dataloader.batch_size=6', *options)
     ddp, _ = heads_of(ddp_dir / 'epoch_2.pth')
     single, _ = heads_of(single_dir / 'epoch_2.pth')
@@ -189,6 +196,7 @@ def test_two_gloo_processes_share_the_feature_extraction(workspace):
          'train_dataloader.batch_size=8', *cache_options('ddp_cache')],
         cwd=workspace, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'terminate called' not in result.stderr  # no SIGABRT at exit (run_safety.finish_run)
     log = sorted(glob.glob(str(workspace / 'ddp_cached' / '*' / '*.log')))[-1]
     assert 'in1k_train: rank 0 extracts 2 of 3 shards' in open(log).read()  # rank 1 took the third
     train_in_process(CACHED_SWEEP_CONFIG, workspace / 'one_cached', 'train_dataloader.batch_size=16',
@@ -201,3 +209,70 @@ def test_two_gloo_processes_share_the_feature_extraction(workspace):
         for shard in range(shards):
             name = f'shard_{shard:05d}.npy'
             np.testing.assert_allclose(np.load(two / name), np.load(one / name), rtol=1e-5, atol=1e-6)
+
+
+def test_tools_test_evaluates_the_published_head_file_and_reports_a_missing_set(workspace, tmp_path):
+    """tools/test.py CONFIG <published head file>: the head loads strictly and the table's numbers are the ones
+    recomputed here from the logits (independently of the probe code); a missing set does not stop the others."""
+    import sys as _sys
+    import types
+
+    import torch.nn.functional as F
+
+    from backbones import InternViT
+    from classification import MissingEvaluationSetError, ProbeEvalTransform
+    from classification.datasets import load_image
+    from classification.model import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(7)
+    backbone = InternViT('internvit_tiny')
+    weights = tmp_path / 'tiny_backbone.pth'
+    torch.save(backbone.state_dict(), weights)
+    g = torch.Generator().manual_seed(3)
+    head = {'norm.weight': torch.rand(128, generator=g) + 0.5, 'norm.bias': torch.randn(128, generator=g),
+            'norm.running_mean': torch.randn(128, generator=g), 'norm.running_var': torch.rand(128, generator=g) + 0.5,
+            'norm.num_batches_tracked': torch.tensor(100), 'head.weight': torch.randn(CLASSES, 128, generator=g),
+            'head.bias': torch.randn(CLASSES, generator=g)}
+    yacs = types.ModuleType('yacs.config')
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__, yacs.CfgNode = 'yacs.config', 'CfgNode', CfgNode
+    _sys.modules.update({'yacs': types.ModuleType('yacs'), 'yacs.config': yacs})
+    try:  # the published trainer's file: the head beside its yacs config (never unpickled when read)
+        torch.save(dict(model=head, config=CfgNode(BASE_LR=0.2), epoch=8, max_accuracy=88.23), tmp_path / 'head.pth')
+    finally:
+        del _sys.modules['yacs'], _sys.modules['yacs.config']
+
+    # Independent reference on the synthetic IN-1K val: eval transform, normalization, backbone, BN, Linear.
+    transform = ProbeEvalTransform(size=56)
+    val = sorted(glob.glob(str(workspace / 'data' / 'synthetic_imagenet' / 'val' / '*' / '*')))
+    classes = [c.split()[0] for c in open(workspace / 'data' / 'synthetic_imagenet' / 'classes.txt') if c.strip()]
+    images = torch.stack([transform(load_image(p)) for p in val]).float()
+    images = (images / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = backbone.forward_features(images)
+        x = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
+        x = F.batch_norm(x, head['norm.running_mean'], head['norm.running_var'], head['norm.weight'],
+                         head['norm.bias'], training=False, eps=1e-6)
+        logits = F.linear(x, head['head.weight'], head['head.bias'])
+    labels = torch.tensor([classes.index(osp.basename(osp.dirname(p))) for p in val])
+    top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    top5 = 100.0 * (logits.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
+
+    test_main = runpy.run_path(osp.join(REPO, 'tools', 'test.py'))['main']
+    options = [f'model.num_classes={CLASSES}', f'model.backbone.pretrained={weights}', 'experiment_name=published_head']
+    metrics = test_main([CONFIG, str(tmp_path / 'head.pth'), '--work-dir', str(tmp_path / 'run'), '--cfg-options',
+                         *options, "test_cfg.only=['IN-1K','Sketch']"])
+    assert metrics['IN-1K/top1'] == pytest.approx(top1) and metrics['IN-1K/top5'] == pytest.approx(top5)
+    assert metrics['IN-1K/num_scored'] == len(val) and 'IN-1K/ema_top1' not in metrics  # the file has no EMA head
+
+    with pytest.raises(MissingEvaluationSetError, match='(?s)V2: .*no_such_folder does not exist') as err:
+        test_main([CONFIG, str(tmp_path / 'head.pth'), '--work-dir', str(tmp_path / 'run'), '--cfg-options',
+                   *options, 'experiment_name=published_head_missing', "test_cfg.only=['IN-1K','V2','Sketch']",
+                   'test_cfg.sets.2.dataset.root=no_such_folder'])
+    assert '1 of 3 test sets' in str(err.value)
+    text = [open(f).read() for f in glob.glob(str(tmp_path / 'run' / '*' / '*.log'))]
+    text = next(t for t in text if 'test set V2 is missing' in t)
+    assert f"| top-1 | {metrics['IN-1K/top1']:.2f} | - | {metrics['Sketch/top1']:.2f} |" in text  # the others ran

@@ -44,6 +44,7 @@ def torchrun_train(config, work_dir, data_root, load_from=None):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
+    assert 'terminate called' not in log  # ranks end explicitly (run_safety.finish_run), no SIGABRT at exit
     return log
 
 

@@ -86,7 +86,7 @@ def test_training_checkpoint_exports_and_loads_back_as_the_same_backbone(trained
     _, checkpoint, _ = trained_run
     out = str(tmp_path / 'exported')
     # the tiny test width (64) does not tell the head count; 6B (3200) and 300M (1024) need no --num-heads
-    assert run_tool('export_to_chat', [checkpoint, out, '--image-size', '56', '--dtype', 'float32',
+    assert run_tool('export_to_chat', [checkpoint, out, '--image-size', '112', '--dtype', 'float32',
                                        '--num-heads', '4']) == 0
     exported = InternViT.from_pretrained(out)
     trained = {k[len('backbone.'):]: v for k, v in load_checkpoint(checkpoint)['state_dict'].items()

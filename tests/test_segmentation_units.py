@@ -62,10 +62,10 @@ def test_linear_bn_head_is_bn_then_1x1_conv():
     head.eval()
     x = torch.randn(2, 16, 7, 7)
     with torch.no_grad():
-        head.bn.running_mean.uniform_(-1, 1)
-        head.bn.running_var.uniform_(0.5, 2)
+        head.norm.running_mean.uniform_(-1, 1)
+        head.norm.running_var.uniform_(0.5, 2)
         expected = head.conv_seg(torch.nn.functional.batch_norm(
-            x, head.bn.running_mean, head.bn.running_var, head.bn.weight, head.bn.bias, eps=head.bn.eps))
+            x, head.norm.running_mean, head.norm.running_var, head.norm.weight, head.norm.bias, eps=head.norm.eps))
         assert torch.allclose(head([x]), expected, atol=1e-6)
     assert head.conv_seg.kernel_size == (1, 1)
     with pytest.raises(ValueError, match='channels must equal the input channels'):
@@ -86,12 +86,15 @@ def test_layer_ids_follow_internvit_names():
         internvit_layer_id('backbone.encoder.layers.50.ls1', 48)
 
 
-def test_layer_decay_groups_lrs_and_weight_decay():
+@pytest.mark.parametrize('embeddings_weight_decay', [True, False], ids=['published', 'exempt-embeddings'])
+def test_layer_decay_groups_lrs_and_weight_decay(embeddings_weight_decay):
     model = MODELS.build(tiny_model_cfg(preset='internvit_tiny').model)  # RMSNorm + qk-norm, like 6B
     base_lr, wd, rate, depth = 1e-3, 0.05, 0.9, 4
+    paramwise = dict(layer_decay_rate=rate)
+    if not embeddings_weight_decay:
+        paramwise['embeddings_weight_decay'] = False  # the published runs decayed them: that is the default
     wrapper = InternViTLayerDecayOptimizerConstructor(
-        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=base_lr, weight_decay=wd)),
-        dict(layer_decay_rate=rate))(model)
+        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=base_lr, weight_decay=wd)), paramwise)(model)
     by_param = {}
     for group in wrapper.optimizer.param_groups:
         for p in group['params']:
@@ -108,8 +111,10 @@ def test_layer_decay_groups_lrs_and_weight_decay():
     assert group_of('backbone.embeddings.patch_embedding.weight')['lr'] == pytest.approx(base_lr * rate ** 5)
     assert group_of('backbone.encoder.layers.3.mlp.fc1.weight')['lr'] == pytest.approx(base_lr * rate)
     assert group_of('decode_head.conv_seg.weight')['lr'] == pytest.approx(base_lr)
-    no_decay = ['backbone.embeddings.position_embedding', 'backbone.embeddings.class_embedding',
-                'backbone.encoder.layers.0.ls1', 'backbone.encoder.layers.0.ls2',
+    embeddings = ['backbone.embeddings.position_embedding', 'backbone.embeddings.class_embedding']
+    for name in embeddings:
+        assert group_of(name)['weight_decay'] == (wd if embeddings_weight_decay else 0.0), name
+    no_decay = ['backbone.encoder.layers.0.ls1', 'backbone.encoder.layers.0.ls2',
                 'backbone.encoder.layers.0.norm1.weight',
                 'backbone.encoder.layers.1.norm2.weight', 'backbone.encoder.layers.2.attn.q_norm.weight',
                 'backbone.encoder.layers.2.attn.k_norm.weight', 'backbone.encoder.layers.0.attn.proj.bias',
@@ -167,6 +172,25 @@ def test_dataset_fraction_matches_split_files(tiny_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
+def test_published_shuffle_subset_is_the_seeded_shuffle_of_sorted_names(tiny_data):
+    """The published mmseg-0.x rule, written out: sorted file names, random.seed(seed), random.shuffle, first n // k."""
+    from segmentation.datasets import published_shuffle_subset
+    names = [f'ADE_train_{i:08d}.jpg' for i in range(1, 20211)]
+    subset = published_shuffle_subset(reversed(names), 1 / 16, seed=42)
+    reference, state = sorted(names), random.getstate()
+    random.seed(42)  # what mmseg 0.x's set_random_seed did, then the dataset's random.shuffle(img_infos)
+    random.shuffle(reference)
+    random.setstate(state)
+    assert subset == reference[:20210 // 16] and len(subset) == 1263
+    assert len(published_shuffle_subset(names, 1 / 4, seed=42)) == 20210 // 4  # 5052 (the nested rule keeps 5053)
+    dataset = _dataset(tiny_data, fraction=0.5, subset_rule='published_shuffle', subset_seed=3)
+    files = sorted(os.listdir(osp.join(tiny_data, 'images', 'training')))
+    expected = published_shuffle_subset(files, 0.5, seed=3)
+    assert sorted(osp.basename(d['img_path']) for d in dataset.data_list) == sorted(expected)
+    with pytest.raises(ValueError, match="subset_rule must be one of"):
+        _dataset(tiny_data, fraction=0.5, subset_rule='random')
+
+
 def _dataset(root, **kwargs):
     return DATASETS.build(dict(
         type='SyntheticADE20KDataset', data_root=root,

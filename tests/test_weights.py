@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from backbones.arch_config import arch_for_weights, hf_config_from_arch
+from backbones.atomic import EXPORT_MARKER
 from backbones.internvit import InternViT
 from backbones.layouts import WeightsError, from_canonical, to_canonical
 from backbones.loading import load_into_model
@@ -101,7 +102,8 @@ def test_layout_round_trip_in_memory(preset, layout, prefix):
 def test_hf_dir_round_trip(tmp_path, rms, shard_bytes):
     sd = canonical(rms)
     out = write_hf(sd, rms.arch, tmp_path / 'hf', dtype=torch.float32, max_shard_bytes=shard_bytes)
-    files = sorted(p.name for p in out.iterdir())
+    assert (out / EXPORT_MARKER).is_file()  # marks it as an export that overwrite=True may replace
+    files = sorted(p.name for p in out.iterdir() if p.name != EXPORT_MARKER)
     if shard_bytes < 2 ** 20:
         index = json.loads((out / 'model.safetensors.index.json').read_text())
         shards = sorted(set(index['weight_map'].values()))
@@ -345,8 +347,7 @@ def test_malicious_pickle_is_refused(tmp_path, rms, func):
 
 def test_write_refuses_existing_dir_and_overwrites_atomically(tmp_path, rms):
     sd = canonical(rms)
-    out = tmp_path / 'out'
-    out.mkdir()
+    out = write_hf(sd, rms.arch, tmp_path / 'out')  # a previous export
     (out / 'keep.txt').write_text('old')
     with pytest.raises(FileExistsError, match=f'{re.escape(str(out))} already exists; pass overwrite=True'):
         write_hf(sd, rms.arch, out)
@@ -355,7 +356,7 @@ def test_write_refuses_existing_dir_and_overwrites_atomically(tmp_path, rms):
         write_hf({**sd, 'encoder.layers.0.ls1': torch.zeros(3)}, rms.arch, out, overwrite=True)
     assert (out / 'keep.txt').read_text() == 'old'
     write_hf(sd, rms.arch, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == [EXPORT_MARKER, 'config.json', 'model.safetensors']
     assert [p.name for p in tmp_path.iterdir()] == ['out']  # no temporary directories left behind
 
 
@@ -408,7 +409,7 @@ def make_chat(path: Path, model: InternViT, image_size=112, native=False) -> Pat
 
 def check_chat_copy(chat: Path, out: Path, source_sd, image_size=112, prefix='vision_model.', layout='hf'):
     chat_files = sorted(p.relative_to(chat) for p in chat.rglob('*') if p.is_file())
-    assert sorted(p.relative_to(out) for p in out.rglob('*') if p.is_file()) == chat_files
+    assert sorted(p.relative_to(out) for p in out.rglob('*') if p.is_file() and p.name != EXPORT_MARKER) == chat_files
     for rel in ('config.json', 'tokenizer.json', 'modeling_internvl_chat.py', 'sub/notes.txt',
                 'model.safetensors.index.json', 'model-00001-of-00003.safetensors'):
         assert filecmp.cmp(chat / rel, out / rel, shallow=False), rel
@@ -493,7 +494,7 @@ def test_export_to_chat_hf_dir_errors_and_overwrite(tmp_path, rms, capsys):
     assert load_file(str(out / 'model.safetensors'))['embeddings.position_embedding'].shape == (1, 37, 64)
     # OUT exists: refused without --overwrite, replaced with it
     assert tool.main([str(src), str(out), '--num-heads', '4']) == 2
-    assert f'{out} already exists; pass --overwrite' in capsys.readouterr().err
+    assert f'{out} already exists; pass overwrite=True (--overwrite)' in capsys.readouterr().err
     assert tool.main([str(src), str(out), '--num-heads', '4', '--overwrite']) == 0
     assert json.loads((out / 'config.json').read_text())['image_size'] == 448
     # into a chat model whose vision tower has another shape: named tensor, both shapes

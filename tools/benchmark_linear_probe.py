@@ -81,10 +81,8 @@ def main(argv=None) -> int:
     e = args.epochs
     schedule = dict(
         train_cfg=dict(max_epochs=e, val_interval=e),
-        param_scheduler=[dict(type='LinearLR', start_factor=1e-3, by_epoch=True, begin=0, end=1,
-                              convert_to_iter_based=True),
-                         dict(type='CosineAnnealingLR', T_max=max(e - 1, 1), eta_min=0.0, by_epoch=True, begin=1,
-                              end=max(e, 2), convert_to_iter_based=True)],
+        param_scheduler=[dict(type='TimmCosineLR', t_initial=e, warmup_t=1 if e > 1 else 0, by_epoch=True,
+                              convert_to_iter_based=True)],
         model=dict(num_classes=args.classes))
     sweep = dict(model=dict(num_classes=args.classes, sweep=True, sweep_lrs=list(LRS), sweep_features=['cls_mean']))
 

@@ -15,7 +15,8 @@ With ``--format native``, transformers' own ``InternVLVisionModel`` layout inste
 With ``--into-chat CHAT_DIR``, a new directory: a copy of CHAT_DIR with its ``vision_model.*`` tensors replaced
 (shapes checked, dtypes and image size of the chat model kept, every other file and tensor unchanged).
 CHAT_DIR is never modified. OUT is written beside its final place and renamed when complete; an existing OUT is
-refused unless ``--overwrite``.
+refused unless ``--overwrite``, which replaces only a previous export (marked by a ``.internvit_export`` file) that
+does not contain SRC: a run directory, a chat model or any other folder is never deleted.
 
 The architecture comes from SRC: its config.json, or for a training checkpoint the run's config that MMEngine
 stores in it (``meta.cfg``, read without executing it); ``--num-heads`` is needed only when nothing says it.
@@ -71,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--tolerance', type=float, default=None,
                         help='--verify bound on max|difference| / max|output| (default 1e-4 for float32, '
                              '5e-2 for bfloat16/float16)')
-    parser.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace OUT if it is a previous export (never a directory holding SRC)')
     parser.add_argument('--verify-batch', type=int, default=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -111,14 +113,15 @@ def _forward(model: InternViT, images: torch.Tensor) -> torch.Tensor:
 
 def export(args: argparse.Namespace) -> int:
     from backbones.arch_config import arch_for_weights
+    from backbones.atomic import check_replaceable
     from backbones.dtypes import as_dtype
     from backbones.layouts import WeightsError
     from backbones.reading import read_weights
     from backbones.writing import write_hf, write_hf_native, write_into_chat
     start = time.time()
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f'{out} already exists; pass --overwrite to replace it')
+    # before the (long) read; checked again before the rename
+    check_replaceable(out, args.overwrite, [args.src] + ([args.into_chat] if args.into_chat else []))
 
     log(f'reading {args.src}')
     weights = read_weights(args.src)
@@ -148,7 +151,8 @@ def export(args: argparse.Namespace) -> int:
         writer, what = (write_hf_native, "transformers' InternVLVisionModel") if args.format == 'native' else \
             (write_hf, 'HF InternVisionModel')
         log(f'writing {what} directory {out} ({image_size}px, {dtype})')
-        writer(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite)
+        writer(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite,
+               source=args.src)
     log(f'done in {time.time() - start:.1f}s: {out}')
 
     if args.verify:

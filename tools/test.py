@@ -62,6 +62,8 @@ def sweep_of_the_run(cfg, config_path: str, checkpoint: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if osp.isdir(path):
+            raise IsADirectoryError(f'{what} {path} is a directory, not a {what} file')
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path} does not exist')
     # MMEngine is imported once the arguments are parsed, so that --help answers at once.
@@ -69,13 +71,23 @@ def main(argv=None):
 
     import mm_adapter  # noqa: F401  (mmcv.ops shim before mmseg, InternViT registration)
     from mm_adapter.compat import trust_checkpoints_in
-    from mm_adapter.runtime import build_runner, cfg_options, init_distributed_without_cuda, prepare_config
+    from mm_adapter.run_safety import check_cfg_options, finish_run
+    from mm_adapter.runtime import (
+        build_runner,
+        cfg_options,
+        init_distributed_without_cuda,
+        prepare_config,
+        skip_pretrained_held_by,
+    )
     cfg = Config.fromfile(args.config)
     sweep_of_the_run(cfg, args.config, args.checkpoint)
-    cfg.merge_from_dict(cfg_options(args.cfg_options))  # an explicit model.sweep=... still wins
+    options = cfg_options(args.cfg_options)
+    check_cfg_options(cfg, options)
+    cfg.merge_from_dict(options)  # an explicit model.sweep=... still wins
     prepare_config(cfg, args.config, work_dir=args.work_dir, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False
+    skip_pretrained_held_by(cfg, args.checkpoint)
     if args.tta:
         use_tta(cfg, args.config)
     if args.out:  # as mmseg's tools/test.py: IoUMetric writes the label maps
@@ -87,9 +99,18 @@ def main(argv=None):
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='SegOverlayHook', out_dir=osp.abspath(args.show_dir), max_images=args.max_overlays)]
     init_distributed_without_cuda(args.launcher)
-    runner = build_runner(cfg)
-    trust_checkpoints_in(None)  # nothing to resume here, so no file needs full unpickling
-    return runner.test()
+    runner = None
+    try:
+        runner = build_runner(cfg)
+        trust_checkpoints_in(None)  # nothing to resume here, so no file needs full unpickling
+        metrics = runner.test()
+    except BaseException:
+        if args.launcher != 'none':
+            finish_run(runner, synchronize=False)
+        raise
+    if args.launcher != 'none':
+        finish_run(runner)  # data workers and the process group, explicitly (no SIGABRT at exit)
+    return metrics
 
 
 if __name__ == '__main__':

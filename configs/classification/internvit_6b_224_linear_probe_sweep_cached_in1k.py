@@ -3,7 +3,7 @@
 # 10 epochs. No augmentation (a cache cannot hold random crops); the best head is chosen on held-out train data.
 _base_ = ['./internvit_6b_224_linear_probe_in1k.py']
 
-model = dict(sweep=True)
+model = dict(sweep=True, mixup=None)  # a cache holds summaries, not images to mix (label smoothing and EMA stay)
 cache_root = 'work_dirs/feature_cache/internvit_6b_224/'
 # Summaries of the last 4 layers (the widest feature choice, cls_mean_last4): 4 x 2 x 3200 floats per image.
 cached_train = dict(type='CachedFeatures', cache_dir=cache_root + 'in1k_train', layers=4, dtype='float16',

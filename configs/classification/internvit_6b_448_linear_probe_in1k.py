@@ -1,4 +1,5 @@
-# Linear probe of InternViT-6B-448px (V1-2 / V1-5: 45 layers) at 448 px, same recipe as the 224 px probe.
+# Linear probe of InternViT-6B-448px-V1.5 (45 layers) at 448 px (linear_probing_intern_vit_6b_448px_v1_5_in1k_448_64gpu
+# .yaml), same recipe as the 224 px probe. Other 448px versions: internvit_6b_448_v{1_0,1_2,2_5}_*.py.
 _base_ = ['./_base_/default_runtime.py', './_base_/schedule_linear_probe_10e.py',
           './_base_/datasets/imagenet_448.py']
 

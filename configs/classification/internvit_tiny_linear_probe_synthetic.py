@@ -9,11 +9,8 @@ model = dict(
     data_preprocessor=dict(type='ProbeDataPreprocessor'))
 
 max_epochs = 4
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, begin=0, end=1, convert_to_iter_based=True),
-    dict(type='CosineAnnealingLR', T_max=max_epochs - 1, eta_min=0.0, by_epoch=True, begin=1, end=max_epochs,
-         convert_to_iter_based=True),
-]
+param_scheduler = [dict(type='TimmCosineLR', t_initial=max_epochs, warmup_t=1, by_epoch=True,
+                        convert_to_iter_based=True)]
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 default_hooks = dict(logger=dict(interval=10))
 env_cfg = dict(dist_cfg=dict(backend='gloo'))

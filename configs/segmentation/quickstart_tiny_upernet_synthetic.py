@@ -9,8 +9,10 @@ num_classes = 5
 max_iters = 300
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(preset='internvit_tiny', pretrained=None, out_indices=[0, 1, 2, 3], frozen=False, dtype=None),
-    neck=dict(in_channels=64, norm_cfg=norm_cfg),
+    # img_size: the position grid trained and stored at the crop's 8x8 (as the 6B configs do at 504: 36x36)
+    backbone=dict(preset='internvit_tiny', img_size=112, pretrained=None, out_indices=[0, 1, 2, 3], frozen=False,
+                  dtype=None),
+    neck=dict(in_channels=64),  # the published pyramid (LayerNorm in the x4 branch)
     decode_head=dict(in_channels=[64] * 4, channels=32, num_classes=num_classes, norm_cfg=norm_cfg),
     auxiliary_head=dict(in_channels=64, channels=16, num_classes=num_classes, norm_cfg=norm_cfg),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(84, 84)))

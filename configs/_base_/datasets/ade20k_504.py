@@ -5,16 +5,27 @@ crop_size = (504, 504)
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAndCheckAnnotations'),
-    dict(type='RandomResize', scale=(2048, 504), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomResize', scale=(2016, 504), ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PhotoMetricDistortion'),
     dict(type='PackSegInputs'),
 ]
+# As published (linear probe, head and full tuning, few-shot 1/1): short side to 504, then each side to a multiple
+# of 14 (a resize, not padding). The annotation is loaded after resizing: metrics are at the original size.
 test_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(2048, 504), keep_ratio=True),
-    dict(type='LoadAndCheckAnnotations'),  # after Resize: the annotation stays at the original size
+    dict(type='ResizeShortSide', size=504),
+    dict(type='ResizeToMultiple', size_divisor=14),
+    dict(type='LoadAndCheckAnnotations'),
+    dict(type='PackSegInputs'),
+]
+# As published for the few-shot subsets 1/2 ... 1/16: fit into 2016 x 504 (keeping the aspect ratio), multiple of 14.
+subset_test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2016, 504), keep_ratio=True),
+    dict(type='ResizeToMultiple', size_divisor=14),
+    dict(type='LoadAndCheckAnnotations'),
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(

@@ -15,7 +15,7 @@ in1k_val = dict(type='ImageNetFolder', root=data_root + 'val', classes=in1k_clas
 loader = dict(batch_size=128, num_workers=8, persistent_workers=True, collate_fn=dict(type='probe_collate'))
 
 train_dataloader = dict(
-    **loader, sampler=dict(type='DefaultSampler', shuffle=True),
+    **loader, sampler=dict(type='DefaultSampler', shuffle=True), drop_last=True,  # published: whole batches only
     dataset=dict(type='HeldOutSplit', part='train', fraction=heldout_fraction, dataset=in1k_train))
 heldout_dataloader = dict(
     **loader, sampler=dict(type='DefaultSampler', shuffle=False, round_up=False),
@@ -34,10 +34,12 @@ test_cfg = dict(type='MultiSetTestLoop', pipeline=eval_pipeline, sets=[
                                    classes=in1k_classes), metric=dict(type='ImageNetAccuracy', real=True)),
     dict(name='V2', dataset=dict(type='ImageNetV2Folder', classes=in1k_classes,
                                  root='data/imagenetv2/imagenetv2-matched-frequency-format-val')),
+    # A and R: 1000-way logits restricted to the published 200-class masks (timm's imagenet_{a,r}_indices.txt);
+    # the folders must be exactly those classes.
     dict(name='A', dataset=dict(type='ImageNetFolder', root='data/imagenet-a', classes=in1k_classes, name='A',
-                                class_subset_from_folders=True)),
+                                class_subset='imagenet_a')),
     dict(name='R', dataset=dict(type='ImageNetFolder', root='data/imagenet-r', classes=in1k_classes, name='R',
-                                class_subset_from_folders=True)),
+                                class_subset='imagenet_r')),
     dict(name='Sketch', dataset=dict(type='ImageNetFolder', root='data/imagenet-sketch/sketch',
                                      classes=in1k_classes, name='Sketch')),
 ])

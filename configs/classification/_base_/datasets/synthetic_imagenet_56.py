@@ -15,7 +15,7 @@ in1k_val = dict(type='ImageNetFolder', root=data_root + 'val', classes=in1k_clas
 loader = dict(batch_size=16, num_workers=0, collate_fn=dict(type='probe_collate'))
 
 train_dataloader = dict(
-    **loader, sampler=dict(type='DefaultSampler', shuffle=True),
+    **loader, sampler=dict(type='DefaultSampler', shuffle=True), drop_last=True,  # published: whole batches only
     dataset=dict(type='HeldOutSplit', part='train', fraction=heldout_fraction, dataset=in1k_train))
 heldout_dataloader = dict(
     **loader, sampler=dict(type='DefaultSampler', shuffle=False, round_up=False),

@@ -1,0 +1,199 @@
+"""Strict checkpoint loading for every MMEngine runner the tools build (``tools/test.py CKPT`` and ``load_from=``).
+
+MMEngine loads ``load_from`` with ``strict=False``: a file that fits the model only partly loads what it can and
+leaves the rest randomly initialised, with one warning. Here a checkpoint must fit: a tensor of the model that the
+file lacks, a tensor of the file that the model lacks, or one of another shape stops the run with an error naming
+a few of each, their count and the file. ``allow_partial_load=True`` (a top-level config key, or the
+``allow_partial`` argument) loads the tensors that fit and logs the rest, for deliberate partial loads (another
+head, fewer classes).
+
+One mechanism for every runner (``install_strict_loading``):
+  * ``Runner``: its ``load_checkpoint`` is replaced (the model is unwrapped first, so DDP is covered);
+  * ``FlexibleRunner`` (DDP, FSDP, DeepSpeed strategies): the checkpoint is loaded into the bare model just
+    before the strategy wraps it (after the strategy's weight initialisation), where every rank still holds the
+    whole model, so FSDP shards and DeepSpeed ZeRO-3 partitions start from the loaded tensors; MMEngine's own
+    ``load_from`` step is then skipped.
+Resuming (``--resume``) is left to MMEngine, unchanged. A DeepSpeed checkpoint folder (``iter_N.pth/``) given as
+``load_from`` is also left to the DeepSpeed strategy, which loads it with ``load_module_strict=True``.
+
+Before comparing, the state dict goes through ``convert``: by default every converter a package registered with
+``register_converter`` (segmentation registers the published InternViT segmentor layout -> the project's names,
+``segmentation.published_layout``), so the adapter needs to know no package. Files are read with
+``backbones.reading.safe_torch_load`` (``weights_only=True``; message-hub objects become inert stand-ins).
+"""
+from __future__ import annotations
+
+import os.path as osp
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from torch import nn
+
+from backbones.layouts import WeightsError
+from backbones.reading import safe_torch_load
+
+StateDict = dict[str, torch.Tensor]
+Converter = Callable[[StateDict], StateDict]
+
+SHOWN = 5  # names shown per kind of problem; the rest is counted
+
+_CONVERTERS: list[Converter] = []
+
+
+def register_converter(convert: Converter) -> Converter:
+    """Add a layout converter applied (in registration order) to every file loaded strictly; it must return
+    the state dict unchanged when the layout is not its own."""
+    if convert not in _CONVERTERS:
+        _CONVERTERS.append(convert)
+    return convert
+
+
+def registered_converters(state_dict: StateDict) -> StateDict:
+    for convert in _CONVERTERS:
+        state_dict = convert(state_dict)
+    return state_dict
+
+
+class CheckpointMismatchError(WeightsError):
+    """A checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)."""
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = sorted(names, key=_natural)
+    shown = ', '.join(names[:SHOWN])
+    return f'{shown} and {len(names) - SHOWN} more' if len(names) > SHOWN else shown
+
+
+def read_checkpoint(filename: str) -> tuple[StateDict, dict]:
+    """``(state_dict, checkpoint)`` of a file: an MMEngine/mmseg checkpoint (``{'meta', 'state_dict', ...}``) or a
+    bare state dict. A leading ``module.`` on every key (a saved DDP/DeepSpeed module) is removed."""
+    if osp.isfile(filename):
+        checkpoint = safe_torch_load(filename)
+    else:  # URLs and other schemes: MMEngine's loaders (weights_only, see mm_adapter.compat)
+        from mmengine.runner.checkpoint import CheckpointLoader
+        checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    if not isinstance(checkpoint, Mapping):
+        raise WeightsError(f'{filename} holds a {type(checkpoint).__name__}, not a checkpoint or state dict')
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state_dict, Mapping):
+        raise WeightsError(f"{filename}: 'state_dict' holds a {type(state_dict).__name__}, not a state dict")
+    if state_dict is checkpoint:
+        checkpoint = {'state_dict': state_dict}
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(k, str)}
+    if state_dict and all(k.startswith('module.') for k in state_dict):
+        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    return state_dict, dict(checkpoint)
+
+
+def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str,
+                   allow_partial: bool = False) -> StateDict:
+    """The tensors of ``state_dict`` that fit ``model``; raises ``CheckpointMismatchError`` unless all fit.
+
+    Names and shapes are compared with ``model.state_dict()`` (parameters, buffers, extra state), whatever the
+    dtypes (they are cast when copied). With ``allow_partial`` the misfits are logged instead, but a file of
+    which nothing fits is still an error.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [k for k in state_dict if k in expected and isinstance(state_dict[k], torch.Tensor)
+                 and isinstance(expected[k], torch.Tensor) and state_dict[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} tensors of the model are missing from the file: {_listing(missing)}')
+    if unexpected:
+        problems.append(f'{len(unexpected)} tensors of the file are not in the model: {_listing(unexpected)}')
+    if misshaped:
+        shapes = sorted(misshaped, key=_natural)
+        shown = '; '.join(f'{k} file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
+                          for k in shapes[:SHOWN])
+        more = f' and {len(shapes) - SHOWN} more' if len(shapes) > SHOWN else ''
+        problems.append(f'{len(misshaped)} tensors have another shape: {shown}{more}')
+    fitting = {k: v for k, v in state_dict.items() if k in expected and k not in set(misshaped)}
+    if not fitting:
+        raise CheckpointMismatchError(f'{source} loads nothing into the model: ' + '; '.join(problems))
+    if problems:
+        message = f'{source} does not fit the model: ' + '; '.join(problems)
+        if not allow_partial:
+            raise CheckpointMismatchError(
+                message + '. Use the config or checkpoint that belong together; to load only the tensors that fit '
+                          '(a deliberate partial load), set allow_partial_load=True')
+        print_log(f'{message}. allow_partial_load=True: loading the {len(fitting)} tensors that fit',
+                  logger='current', level=30)
+    return fitting
+
+
+def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], source: str,
+                             allow_partial: bool = False) -> None:
+    """Check ``state_dict`` against ``model`` (``fit_state_dict``), then copy it in."""
+    if is_model_wrapper(model):
+        model = model.module
+    fitting = fit_state_dict(model, state_dict, source, allow_partial)
+    model.load_state_dict(fitting, strict=not allow_partial)
+    print_log(f'Loaded {len(fitting)} tensors from {source} (strict: {"no, partial" if allow_partial else "yes"})',
+              logger='current')
+
+
+def load_checkpoint_strictly(model: nn.Module, filename: str, allow_partial: bool = False,
+                             convert: Optional[Converter] = None) -> dict:
+    """Read ``filename``, convert its layout (``convert``), load it strictly; returns the checkpoint dict with
+    the converted ``state_dict``."""
+    state_dict, checkpoint = read_checkpoint(filename)
+    source = filename
+    if convert is not None:
+        converted = convert(state_dict)
+        if converted.keys() != state_dict.keys():
+            source = f"{filename} (names below after mapping the file's layout to the model's)"
+        state_dict = converted
+    load_state_dict_strictly(model, state_dict, source, allow_partial)
+    checkpoint['state_dict'] = state_dict
+    return checkpoint
+
+
+def install_strict_loading(runner, allow_partial: bool = False, convert: Optional[Converter] = None) -> None:
+    """Make ``runner`` load ``load_from`` strictly (see the module docstring); resume is untouched. A runner
+    class with ``loads_checkpoints_strictly = True`` keeps its own strict loading (classification's ProbeRunner:
+    probe records, the published head file)."""
+    from mmengine.runner import FlexibleRunner
+
+    if getattr(runner, 'loads_checkpoints_strictly', False):
+        return
+
+    def load(model: nn.Module, filename: str) -> dict:
+        checkpoint = load_checkpoint_strictly(model, filename, allow_partial, convert)
+        runner.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        return checkpoint
+
+    if isinstance(runner, FlexibleRunner):
+        strategy = runner.strategy
+        wrap_model = strategy._wrap_model
+
+        def load_then_wrap(model: nn.Module):
+            filename = runner._load_from
+            if filename is not None and not runner._resume and not osp.isdir(filename):
+                load(model, filename)
+                runner._load_from = None  # loaded; MMEngine's load_or_resume would load it again, non-strictly
+            return wrap_model(model)
+
+        strategy._wrap_model = load_then_wrap
+        return
+
+    mmengine_load_checkpoint = runner.load_checkpoint
+
+    def load_checkpoint(filename: str, map_location='cpu', strict: bool = False,
+                        revise_keys=[(r'^module.', '')]) -> dict:  # noqa: B006 (MMEngine's signature)
+        if runner._resume:
+            # Runner.resume reads through load_checkpoint too: its own checkpoint, with the message hub and
+            # optimizer state, unpickled by the work dir's trusted loader (mm_adapter.compat): unchanged.
+            return mmengine_load_checkpoint(filename, map_location=map_location, strict=strict,
+                                            revise_keys=revise_keys)
+        return load(runner.model, filename)
+
+    runner.load_checkpoint = load_checkpoint
