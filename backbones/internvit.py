@@ -359,15 +359,27 @@ class InternViT(nn.Module):
                 tokens = self._run_block(block, tokens)
         return tokens.to(out_dtype)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Iterable[int], output_format: str = 'tokens',
-                              with_cls: bool = True) -> list:
+    _TIMM_FORMATS = {'NCHW': 'nchw', 'NLC': 'tokens'}
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Iterable[int] | int | None = None,
+                              output_format: str = 'tokens', with_cls: bool | None = None, *,
+                              output_fmt: str | None = None) -> list:
         """Outputs of the given layers (0-based, negative from the end), in the order asked.
 
-        ``'tokens'``: ``[B, 1+N, C]`` (``[B, N, C]`` without cls). ``'nchw'``: ``[B, C, h, w]`` maps, or
-        ``(map, cls [B, C])`` pairs with ``with_cls``. Blocks after the deepest requested layer are not run.
+        ``indices``: layer indices, an int n for the last n layers, or None for all (as timm). ``'tokens'``:
+        ``[B, 1+N, C]`` (``[B, N, C]`` without cls). ``'nchw'``: ``[B, C, h, w]`` maps, or ``(map, cls [B, C])``
+        pairs with ``with_cls``. ``with_cls`` defaults to True for tokens, False for maps. timm's keyword
+        ``output_fmt`` ('NCHW' / 'NLC') is accepted too. Blocks after the deepest requested layer are not run.
         """
+        if output_fmt is not None:
+            output_format = self._TIMM_FORMATS.get(output_fmt, output_fmt)
+        if with_cls is None:
+            with_cls = output_format == 'tokens'
+        if indices is None or isinstance(indices, int):
+            count = self.depth if indices is None else indices
+            indices = list(range(self.depth - count, self.depth))
         if output_format not in ('nchw', 'tokens'):
-            raise ValueError(f"output_format must be 'nchw' or 'tokens', got {output_format!r}")
+            raise ValueError(f"output_format must be 'nchw' or 'tokens' (timm: 'NCHW', 'NLC'), got {output_format!r}")
         wanted = self._normalize_indices(indices)
         out_dtype = x.dtype
         grid_hw = (x.shape[-2] // self.arch.patch_size, x.shape[-1] // self.arch.patch_size)

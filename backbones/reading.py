@@ -277,10 +277,12 @@ def _backbone_keys(keys: Iterable[str], path: Path, what: str = 'backbone') -> l
 
 
 def _read_file(path: Path) -> Weights:
+    checkpoint = None
     if path.suffix == '.safetensors':
         tensors = _safetensors_read(path, _backbone_keys(_safetensors_keys(path), path))
     else:
-        everything, trail = _unwrap(safe_torch_load(path), path)
+        checkpoint = safe_torch_load(path)
+        everything, trail = _unwrap(checkpoint, path)
         if trail:
             logger.info(f"{path}: reading {''.join(f'[{k!r}]' for k in trail)}")
         try:
@@ -289,7 +291,22 @@ def _read_file(path: Path) -> Weights:
             hint = _probe_checkpoint_hint(everything)
             raise (WeightsError(f'{err}. {hint}') if hint else err) from None
     sd, layout = to_canonical(tensors)
-    return Weights(sd, None, layout, str(path))
+    return Weights(sd, _run_config_heads(checkpoint, path), layout, str(path))
+
+
+def _run_config_heads(checkpoint: Any, path: Path) -> dict | None:
+    """``{'num_attention_heads': N}`` from the run config an MMEngine checkpoint stores (``meta.cfg``), the one
+    shape field its tensors cannot tell; None when there is none."""
+    from .run_config import arch_from_backbone_config, backbone_config_from_text
+    meta = checkpoint.get('meta') if isinstance(checkpoint, Mapping) else None
+    text = meta.get('cfg') if isinstance(meta, Mapping) else None
+    backbone = backbone_config_from_text(text) if isinstance(text, str) else None
+    arch = arch_from_backbone_config(backbone) if backbone else None
+    if arch is None:
+        return None
+    logger.info(f"{path}: {arch.num_heads} attention heads, from the run's config stored in the checkpoint "
+                f"(meta.cfg: InternViT preset {backbone.get('preset')!r})")
+    return {'num_attention_heads': arch.num_heads}
 
 
 def _probe_checkpoint_hint(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -372,10 +389,10 @@ def _read_dir(directory: Path) -> Weights:
 
 
 def read_weights(path: str | os.PathLike) -> Weights:
-    """Read InternViT weights in any supported layout from a file or an HF/chat directory (canonical names)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    """Read InternViT weights in any supported layout from a file, an HF/chat directory or a hub id (canonical
+    names)."""
+    from .hub import local_path
+    p = local_path(path)  # a hub id ('OpenGVLab/InternViT-6B-224px') becomes its cached snapshot
     return _read_dir(p) if p.is_dir() else _read_file(p)
 
 

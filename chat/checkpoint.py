@@ -34,6 +34,7 @@ from backbones import InternViT
 from backbones.arch_config import arch_for_weights, hf_config_from_arch
 from backbones.atomic import atomic_dir, json_dump
 from backbones.dtypes import as_dtype as _dtype
+from backbones.hub import local_path
 from backbones.loading import build_and_load
 from backbones.reading import read_tensors, read_weights, safe_torch_load
 from backbones.reading import weight_files as weight_map
@@ -182,7 +183,7 @@ def load_chat_model(path: str | os.PathLike, *, dtype=None, attn_implementation:
     ``dtype``: cast everything to it; None keeps config.json's ``torch_dtype`` (else float32). Tensors outside
     ``vision_model.``/``mlp1.``/``language_model.`` are an error (``strict=False``: logged and ignored).
     """
-    root = Path(path)
+    root = local_path(path, what='chat checkpoint directory')  # a hub id: its cached snapshot
     config = read_chat_config(root)
     settings = ChatSettings.from_config(config)
     dtype = _dtype(dtype) or _dtype(config.get('torch_dtype')) or torch.float32
@@ -258,6 +259,7 @@ def load_tokenizer(path: str | os.PathLike, model: InternVLChatModel | None = No
     """The tokenizer saved with a chat checkpoint (or an LLM directory); with ``model``, bound to it.
     ``trust_remote_code``: allow a tokenizer class shipped as Python code in the directory (InternLM2's)."""
     from transformers import AutoTokenizer
+    path = local_path(path, what='tokenizer directory')  # a hub id: its cached snapshot
     # The LLM's config tells transformers which tokenizer family this is; the chat config.json would not.
     if model is not None:
         llm_config = model.language_model.config

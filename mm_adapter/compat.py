@@ -111,11 +111,12 @@ def _build_shim() -> types.ModuleType:
     setattr(shim, _SHIM_FLAG, True)
     shim.point_sample = point_sample
     shim.sigmoid_focal_loss = _placeholder_function('sigmoid_focal_loss')
-    for name in ('CrissCrossAttention', 'PSAMask', 'DeformConv2d', 'ModulatedDeformConv2d'):
+    for name in ('CrissCrossAttention', 'PSAMask', 'DeformConv2d', 'ModulatedDeformConv2d',
+                 'MultiScaleDeformableAttention'):
         setattr(shim, name, _placeholder_class(name))
     shim.__getattr__ = _module_getattr  # PEP 562: any other name -> ModuleNotFoundError with a clear message
     shim.__all__ = ['point_sample', 'sigmoid_focal_loss', 'CrissCrossAttention', 'PSAMask', 'DeformConv2d',
-                    'ModulatedDeformConv2d']
+                    'ModulatedDeformConv2d', 'MultiScaleDeformableAttention']
     return shim
 
 
@@ -144,6 +145,11 @@ def ensure_mmcv_ops() -> bool:
                       'stand-in from mm_adapter.compat instead.', RuntimeWarning, stacklevel=2)
     shim = _build_shim()
     sys.modules['mmcv.ops'] = shim
+    # mmcv.cnn imports this submodule and warns "install mmcv rather than mmcv-lite" when it is missing; the
+    # placeholder (an error only if used) keeps that import quiet, as for the other compiled ops.
+    deform = types.ModuleType('mmcv.ops.multi_scale_deform_attn', 'Placeholder (installed by backbones.compat).')
+    deform.MultiScaleDeformableAttention = shim.MultiScaleDeformableAttention
+    sys.modules[deform.__name__] = deform
     mmcv.ops = shim
     return True
 

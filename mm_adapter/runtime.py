@@ -126,6 +126,8 @@ def adapt_to_cpu(cfg: Config) -> None:
     for path, backbone in _half_backbones(cfg.get('model', {})):
         _note(f'No CUDA: {path}.dtype {backbone["dtype"]} -> float32 (plain fp32 on the CPU)')
         backbone['dtype'] = None
+    if _strategy_type(cfg) == 'DeepSpeedStrategy':
+        skip_deepspeed_shm_comm_op()
     if cfg.get('launcher', 'none') != 'none':
         env = cfg.setdefault('env_cfg', {})
         env.setdefault('dist_cfg', {})['backend'] = 'gloo'
@@ -143,6 +145,16 @@ def adapt_to_cpu(cfg: Config) -> None:
             cfg.sync_bn = None
 
 
+def skip_deepspeed_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op (C++ JIT, minutes, needs a compiler) when its
+    process group starts; it serves only inference all-reduce, which training never calls. Marked unavailable here,
+    DeepSpeed falls back to torch.distributed (gloo)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    _note('No CUDA: DeepSpeed shared-memory comm op not built (torch.distributed gloo collectives instead)')
+
+
 def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None, launcher: str = 'none',
                    amp: bool = False, resume: Optional[str] = None) -> Config:
     cfg.launcher = launcher
@@ -156,6 +168,7 @@ def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None
     if resume is not None:
         cfg.resume = True
         cfg.load_from = None if resume == 'auto' else resume
+    tie_schedule_to_max_iters(cfg)
     if not torch.cuda.is_available():
         adapt_to_cpu(cfg)
     from .run_safety import install_run_safety
@@ -163,12 +176,55 @@ def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None
     return cfg
 
 
+def tie_schedule_to_max_iters(cfg: Config) -> None:
+    """Schedulers that end at the config's own ``max_iters`` follow ``train_cfg.max_iters`` when it is changed (e.g.
+    ``--cfg-options train_cfg.max_iters=1000``): the schedule still ends with the training."""
+    planned, actual = cfg.get('max_iters'), (cfg.get('train_cfg') or {}).get('max_iters')
+    if not isinstance(planned, int) or not isinstance(actual, int) or planned == actual:
+        return
+    schedulers = cfg.get('param_scheduler') or []
+    for scheduler in schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]:
+        if isinstance(scheduler, dict) and not scheduler.get('by_epoch', True) and scheduler.get('end') == planned:
+            if scheduler.get('begin', 0) >= actual:
+                _note(f"{scheduler.get('type')} begins at iteration {scheduler.get('begin')}, after "
+                      f"train_cfg.max_iters={actual}: it never acts in this run (shorten the warm-up with "
+                      f"param_scheduler.0.end=N param_scheduler.1.begin=N)")
+                continue
+            scheduler['end'] = actual
+            _note(f"{scheduler.get('type')}: end {planned} -> {actual} (follows train_cfg.max_iters)")
+
+
+def slurm_to_torch_env() -> None:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from Slurm's variables (as MMEngine's slurm launcher
+    sets them); MASTER_ADDR, when not set, is the first host of SLURM_NODELIST."""
+    missing = [k for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST') if k not in os.environ]
+    if missing:
+        raise RuntimeError(f'--launcher slurm needs {", ".join(missing)} in the environment: run it under srun '
+                           f'(tools/slurm_train.sh)')
+    os.environ['RANK'] = os.environ['SLURM_PROCID']
+    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+    os.environ.setdefault('MASTER_PORT', '29500')
+    if 'MASTER_ADDR' not in os.environ:
+        import subprocess
+        nodes = os.environ['SLURM_NODELIST']
+        try:
+            first = subprocess.run(['scontrol', 'show', 'hostnames', nodes], capture_output=True,
+                                   text=True).stdout.split()
+        except OSError:  # no scontrol here: a plain host list
+            first = []
+        os.environ['MASTER_ADDR'] = first[0] if first else nodes.split(',')[0]
+
+
 def init_distributed_without_cuda(launcher: str) -> None:
-    """MMEngine's pytorch launcher calls ``torch.cuda.set_device``; without CUDA the gloo group is made here."""
+    """MMEngine's pytorch and slurm launchers call ``torch.cuda.set_device``; without CUDA the gloo group is made
+    here (the slurm launcher's variables are translated first)."""
     if launcher == 'none' or torch.cuda.is_available():
         return
-    if launcher != 'pytorch':
-        raise RuntimeError(f'launcher {launcher!r} needs CUDA; on the CPU use --launcher pytorch (torchrun)')
+    if launcher not in ('pytorch', 'slurm'):
+        raise RuntimeError(f'launcher {launcher!r} needs CUDA; on the CPU use --launcher pytorch (torchrun) or slurm')
+    if launcher == 'slurm':
+        slurm_to_torch_env()
     import torch.distributed as torch_dist
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),

@@ -159,6 +159,13 @@ class LoadAndCheckAnnotations(LoadAnnotations):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
 
+    def transform(self, results: dict) -> dict:
+        # A bare image (mmseg.apis.inference_model, MMSegInferencer, tools/image_demo.py) has no annotation to
+        # load: mmseg strips only its own LoadAnnotations from the test pipeline, so this one passes it through.
+        if 'seg_map_path' not in results:
+            return results
+        return super().transform(results)
+
     def _load_seg_map(self, results: dict) -> None:
         path = results['seg_map_path']
         try:

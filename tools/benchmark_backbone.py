@@ -4,7 +4,7 @@
     python tools/benchmark_backbone.py --preset internvit_6b_448 --img-size 448 --batch 16 --dtype bfloat16
     python tools/benchmark_backbone.py --preset internvit_tiny --img-size 224 --batch 8 --compare-eager   # CPU
 
-FLOPs per image follow DESIGN.md: layers x (2N(4C^2 + 2C*MLP) + 4N^2 C), N tokens with cls; a training step
+FLOPs per image: layers x (2N(4C^2 + 2C*MLP) + 4N^2 C), N tokens with cls; a training step
 counts three times the forward. ``--compare-eager`` also times the same model with eager attention (the
 published code's default) in the same run and prints the speed ratio (eager time / ours; higher is better).
 """
@@ -31,7 +31,8 @@ def parse_args(argv=None):
         p.add_argument('--' + field.replace('_', '-'), type=int, help='override the preset (custom size)')
     p.add_argument('--img-size', type=int, default=None, help='input side (default: the preset\'s)')
     p.add_argument('--batch', type=int, default=8)
-    p.add_argument('--dtype', default='bfloat16', help='bfloat16 | float16 | float32')
+    p.add_argument('--dtype', default=None, help='bfloat16 | float16 | float32 (default: bfloat16 on CUDA, '
+                                                 'float32 on the CPU)')
     p.add_argument('--attn', default='sdpa', choices=('sdpa', 'eager', 'flash_attn'))
     p.add_argument('--compile', action='store_true', help='compile every block (InternViT(compile=True))')
     p.add_argument('--train', action='store_true', help='time forward+backward instead of inference')
@@ -132,6 +133,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    args.dtype = args.dtype or ('float32' if args.device == 'cpu' else 'bfloat16')
     if args.device == 'cpu':
         torch.set_num_threads(os.cpu_count() or 1)
     results = [time_model(args, args.attn)]

@@ -2,6 +2,7 @@
 """Export InternViT weights to a Hugging Face InternVisionModel directory, or into a copy of an InternVL-Chat model.
 
     python tools/export_to_chat.py SRC OUT [--image-size 448] [--dtype bfloat16] [--num-heads N]
+    python tools/export_to_chat.py SRC OUT --format native [--verify]    # transformers.AutoModel.from_pretrained(OUT)
     python tools/export_to_chat.py SRC OUT --into-chat CHAT_DIR [--verify] [--overwrite]
 
 SRC: any layout ``backbones.reading`` reads: an HF or chat directory, the original ``.pth``, an MMEngine
@@ -9,14 +10,22 @@ segmentation/classification checkpoint (``backbone.`` prefix), transformers' nat
 
 OUT: without ``--into-chat``, an HF ``InternVisionModel`` directory (config.json + safetensors) whose position
 embedding is resampled to ``--image-size`` (default 448, the InternVL-Chat input size), stored in ``--dtype``.
+With ``--format native``, transformers' own ``InternVLVisionModel`` layout instead, which
+``transformers.AutoModel.from_pretrained(OUT)`` loads without remote code.
 With ``--into-chat CHAT_DIR``, a new directory: a copy of CHAT_DIR with its ``vision_model.*`` tensors replaced
 (shapes checked, dtypes and image size of the chat model kept, every other file and tensor unchanged).
 CHAT_DIR is never modified. OUT is written beside its final place and renamed when complete; an existing OUT is
 refused unless ``--overwrite``, which replaces only a previous export (marked by a ``.internvit_export`` file) that
 does not contain SRC: a run directory, a chat model or any other folder is never deleted.
 
-``--verify`` reloads OUT with this package's loader and prints the largest absolute difference between its
-outputs and the source model's on a random batch.
+The architecture comes from SRC: its config.json, or for a training checkpoint the run's config that MMEngine
+stores in it (``meta.cfg``, read without executing it); ``--num-heads`` is needed only when nothing says it.
+
+``--verify`` runs the source weights and OUT (the native layout through transformers' ``InternVLVisionModel``,
+the others through this package's loader) on a random batch in fp32 and compares the final tokens: the largest
+absolute difference divided by the largest absolute output must not exceed ``--tolerance`` (default 1e-4 for
+float32 exports, 5e-2 for 16-bit ones, whose rounding of every weight adds up over the layers). Exit status 1 when
+it does, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -34,6 +43,10 @@ if TYPE_CHECKING:  # torch and backbones are imported by the functions that use 
     from backbones.internvit import InternViT
 
 
+# --verify's default bound on max|difference| / max|output|, by the dtype OUT stores
+DEFAULT_TOLERANCE = {'float32': 1e-4, 'float64': 1e-4, 'bfloat16': 5e-2, 'float16': 5e-2}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,11 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="dtype of the exported tensors (default bfloat16; --into-chat keeps the chat's)")
     parser.add_argument('--into-chat', metavar='CHAT_DIR', default=None,
                         help='make OUT a copy of this InternVL-Chat directory with its vision tensors replaced')
+    parser.add_argument('--format', choices=['hf', 'native'], default='hf',
+                        help="OUT's layout without --into-chat: hf = InternVisionModel (InternVL-Chat's), native = "
+                             "transformers' InternVLVisionModel (AutoModel.from_pretrained, no remote code)")
     parser.add_argument('--num-heads', type=int, default=None,
-                        help='attention heads, for checkpoints without a config (default: 25 for width 3200, '
-                             '16 for width 1024)')
+                        help="attention heads, only for checkpoints that do not say it (no config.json, no run "
+                             "config); default then 25 for width 3200, 16 for width 1024")
     parser.add_argument('--verify', action='store_true',
-                        help='reload OUT and print the largest output difference to the source model')
+                        help='run the source and OUT on a random batch; exit 1 if they differ by more than '
+                             '--tolerance')
+    parser.add_argument('--tolerance', type=float, default=None,
+                        help='--verify bound on max|difference| / max|output| (default 1e-4 for float32, '
+                             '5e-2 for bfloat16/float16)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace OUT if it is a previous export (never a directory holding SRC)')
     parser.add_argument('--verify-batch', type=int, default=2, help=argparse.SUPPRESS)
@@ -97,7 +117,7 @@ def export(args: argparse.Namespace) -> int:
     from backbones.dtypes import as_dtype
     from backbones.layouts import WeightsError
     from backbones.reading import read_weights
-    from backbones.writing import write_hf, write_into_chat
+    from backbones.writing import write_hf, write_hf_native, write_into_chat
     start = time.time()
     out = Path(args.out)
     # before the (long) read; checked again before the rename
@@ -113,6 +133,9 @@ def export(args: argparse.Namespace) -> int:
     log(f'source: {weights.layout} layout, {len(weights.state_dict)} tensors, {arch.depth} layers, '
         f'width {arch.embed_dim}, {arch.num_heads} heads, {arch.img_size}px position embedding')
 
+    if args.into_chat and args.format != 'hf':
+        raise WeightsError(f'--format {args.format} does not apply with --into-chat: the copy keeps the chat '
+                           f"model's own layout")
     if args.into_chat:
         image_size = int(chat_vision['image_size'])
         if args.image_size is not None and args.image_size != image_size:
@@ -125,18 +148,40 @@ def export(args: argparse.Namespace) -> int:
     else:
         image_size = args.image_size or 448
         dtype = as_dtype(args.dtype or 'bfloat16')
-        log(f'writing HF InternVisionModel directory {out} ({image_size}px, {dtype})')
-        write_hf(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite,
-                 source=args.src)
+        writer, what = (write_hf_native, "transformers' InternVLVisionModel") if args.format == 'native' else \
+            (write_hf, 'HF InternVisionModel')
+        log(f'writing {what} directory {out} ({image_size}px, {dtype})')
+        writer(weights.state_dict, arch, out, image_size=image_size, dtype=dtype, overwrite=args.overwrite,
+               source=args.src)
     log(f'done in {time.time() - start:.1f}s: {out}')
 
     if args.verify:
-        verify(weights, arch, out, image_size, args.verify_batch)
+        diff, scale, stored = verify(weights, arch, out, image_size, args.verify_batch, args.format)
+        tolerance = args.tolerance if args.tolerance is not None else max(DEFAULT_TOLERANCE[d] for d in stored)
+        relative = diff / max(scale, 1e-12)
+        verdict = 'within' if relative <= tolerance else 'EXCEEDS'
+        print(f'verify: relative difference {relative:.3g} {verdict} the tolerance {tolerance:g}', flush=True)
+        if relative > tolerance:
+            print(f'export_to_chat: error: {out} does not reproduce the source model (relative difference '
+                  f'{relative:.3g} > --tolerance {tolerance:g})', file=sys.stderr, flush=True)
+            return 1
     return 0
 
 
-def verify(weights, arch, out: Path, image_size: int, batch: int) -> float:
-    """Largest |difference| of final tokens between the source weights and the re-read export (fp32 compute)."""
+def _transformers_forward(out: Path, images: torch.Tensor) -> tuple[torch.Tensor, set]:
+    """Final tokens of transformers' own model class for the native layout (AutoModel, no remote code), and the
+    dtype the export stores (its config.json)."""
+    import torch
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(str(out), dtype=torch.float32, attn_implementation='eager').eval()
+    stored = {json.loads((out / 'config.json').read_text())['dtype']}
+    with torch.no_grad():
+        return model(pixel_values=images).last_hidden_state, stored
+
+
+def verify(weights, arch, out: Path, image_size: int, batch: int, layout: str = 'hf'):
+    """Largest |difference| of final tokens between the source weights and the re-read export (fp32 compute);
+    returns (difference, largest |source output|, the names of the dtypes OUT stores)."""
     import torch
 
     from backbones.arch_config import arch_for_weights
@@ -148,16 +193,21 @@ def verify(weights, arch, out: Path, image_size: int, batch: int) -> float:
     reference = _forward(source_model, images)
     del source_model  # one model in memory at a time (6B in fp32 is 24 GB)
 
-    exported_weights = read_weights(out)
-    stored = {str(t.dtype).replace('torch.', '') for t in exported_weights.state_dict.values()}
-    exported = _loaded_model(arch_for_weights(exported_weights, num_heads=arch.num_heads),
-                             exported_weights.state_dict, str(out))
-    del exported_weights
-    diff = (_forward(exported, images) - reference).abs().max().item()
+    if layout == 'native':
+        output, stored = _transformers_forward(out, images)
+    else:
+        exported_weights = read_weights(out)
+        stored = {str(t.dtype).replace('torch.', '') for t in exported_weights.state_dict.values()}
+        exported = _loaded_model(arch_for_weights(exported_weights, num_heads=arch.num_heads),
+                                 exported_weights.state_dict, str(out))
+        del exported_weights
+        output = _forward(exported, images)
+    diff = (output - reference).abs().max().item()
     scale = reference.abs().max().item()
     print(f'verify: max abs difference {diff:.6g} between {out} (stored as {", ".join(sorted(stored))}) and the '
-          f'source (outputs up to {scale:.6g})', flush=True)
-    return diff
+          f'source (outputs up to '
+          f'{scale:.6g})', flush=True)
+    return diff, scale, stored
 
 
 def main(argv=None) -> int:

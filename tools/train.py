@@ -1,7 +1,7 @@
 """Train any config of the project with MMEngine (segmentation, classification).
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [auto|CHECKPOINT]] [--overwrite] [--amp]
-                             [--cfg-options k=v ...] [--launcher none|pytorch]
+                             [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
     bash tools/dist_train.sh CONFIG NGPUS [...]          # torchrun, --launcher pytorch
 
 The runner is MMEngine's ``Runner``, or the config's ``runner_type`` (``FlexibleRunner`` with an FSDP or DeepSpeed
@@ -30,7 +30,8 @@ def parse_args(argv=None):
     parser.add_argument('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16)')
     parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='override config keys, e.g. train_cfg.max_iters=1000 model.backbone.dtype=None')
-    parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none', help='job launcher')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='job launcher: pytorch under torchrun (dist_*.sh), slurm under srun (slurm_*.sh)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))

@@ -41,5 +41,18 @@ val_dataloader = dict(
                  data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
                  pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])  # prints aAcc, mIoU, mAcc and the per-class table
+# Test-time augmentation (tools/test.py --tta), as in mmseg 1.x: the test scale times each ratio, each plain and
+# flipped; SegTTAModel averages the class probabilities of the 12 views.
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+tta_model = dict(type='SegTTAModel')
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug', transforms=[
+        [dict(type='Resize', scale=(int(2048 * r), int(504 * r)), keep_ratio=True) for r in img_ratios],
+        [dict(type='RandomFlip', prob=0.0, direction='horizontal'),
+         dict(type='RandomFlip', prob=1.0, direction='horizontal')],
+        [dict(type='LoadAndCheckAnnotations')],
+        [dict(type='PackSegInputs')]])
+]
+val_evaluator = dict(type='IoUTableMetric', iou_metrics=['mIoU'])  # prints aAcc, mIoU, mAcc and the per-class table
 test_evaluator = val_evaluator
