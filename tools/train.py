@@ -76,7 +76,9 @@ def checkpoint_to_resume(cfg) -> str:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get('RANK', '0')) == 0
+    """Rank 0 of the job, before any process group exists: torchrun sets RANK, srun sets SLURM_PROCID."""
+    rank = os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))
+    return int(rank) == 0
 
 
 def main(argv=None):
