@@ -133,7 +133,8 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str,
 def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], source: str,
                              allow_partial: bool = False) -> None:
     """Check ``state_dict`` against ``model`` (``fit_state_dict``), then copy it in."""
-    if is_model_wrapper(model):
+    from mmengine.model import BaseTTAModel
+    if is_model_wrapper(model) or isinstance(model, BaseTTAModel):  # TTA (tools/test.py --tta) wraps the segmentor
         model = model.module
     fitting = fit_state_dict(model, state_dict, source, allow_partial)
     model.load_state_dict(fitting, strict=not allow_partial)
