@@ -1,6 +1,7 @@
 """DeepSpeed end to end on the CPU: MMEngine's FlexibleRunner + DeepSpeedStrategy (ZeRO-3) with 2 gloo processes
 through tools/dist_train.sh, resumed from DeepSpeed's own checkpoint folder, then the gathered weights file exported
 with tools/export_to_chat.py. The trained weights are compared with one fp32 process doing the same updates."""
+import json
 import os
 import os.path as osp
 import subprocess
@@ -84,13 +85,16 @@ def test_deepspeed_zero3_two_processes_train_resume_export(tmp_path):
     assert update_error(two_steps, reference, initial) > 0.3
     assert update_error(trained, reference, initial) < 0.06
 
+    # exported at the size the run trained its position grid at (the config's img_size): any other size resamples it
+    image_size = cfg.model.backbone.img_size
     out = tmp_path / 'export'
     proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_to_chat.py'),
                            str(work / 'weights_iter_3.pth'),
-                           str(out), '--image-size', '56', '--dtype', 'float32', '--verify'],
+                           str(out), '--image-size', str(image_size), '--dtype', 'float32', '--verify'],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / 'config.json').read_text())['image_size'] == image_size
     exported = InternViT.from_pretrained(str(out)).state_dict()
     backbone = {k[len('backbone.'):]: v for k, v in trained.items() if k.startswith('backbone.')}
     assert exported.keys() == backbone.keys()

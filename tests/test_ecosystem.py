@@ -405,7 +405,7 @@ def test_readme_backbone_snippet_and_timm_keywords():
 def test_cpu_benchmark_defaults_to_float32(tmp_path):
     out = tmp_path / 'bench.jsonl'
     load_tool('benchmark_backbone').main(['--preset', 'internvit_tiny', '--img-size', '56', '--batch', '1',
-                                          '--warmup', '0', '--iters', '1', '--device', 'cpu', '--json', str(out)])
+                                          '--warmup', '1', '--iters', '1', '--device', 'cpu', '--json', str(out)])
     assert json.loads(out.read_text().splitlines()[-1])['dtype'] == 'float32'
 
 

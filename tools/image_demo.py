@@ -11,11 +11,6 @@ checkpoint or ``weights_iter_N.pth``).
 import argparse
 import os
 import os.path as osp
-import sys
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root
-
-import segmentation  # noqa: E402,F401  (mmcv.ops shim, registrations, weights-only checkpoint loading)
 
 
 def parse_args(argv=None):
@@ -35,6 +30,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # heavy imports after parsing, so that --help answers at once; segmentation first (mmcv.ops shim before mmseg)
+    import segmentation  # noqa: F401  (registrations, weights-only checkpoint loading)
+    # isort: split
     import mmcv
     import numpy as np
     import torch
