@@ -56,7 +56,7 @@ class ProbeRunner(Runner):
 
     ``load_from`` / ``tools/test.py`` read the file with the safe reader (tensors and plain data; every other
     pickled object an inert stand-in), so the published InternVL head file loads; ``--resume`` goes through
-    MMEngine's loader and the work-dir trust boundary (``backbones.compat``), as its message hub needs."""
+    MMEngine's loader and the work-dir trust boundary (``mm_adapter.compat``), as its message hub needs."""
 
     _resuming = False
     loads_checkpoints_strictly = True  # mm_adapter.strict_loading leaves load_checkpoint to this class

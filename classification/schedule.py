@@ -55,6 +55,22 @@ class TimmCosineParamScheduler(_ParamScheduler):
                    begin=int(begin * epoch_length), end=end if end == INF else int(end * epoch_length),
                    by_epoch=False, **kwargs)
 
+    # The curve is set by the config: on resume its shape and extent (``end`` follows train_cfg.max_epochs, e.g. a
+    # run resumed to train longer) must not be replaced by the interrupted run's. Like timm's scheduler, whose
+    # value is a function of the global iteration, only the position is state.
+    _CONFIG_KEYS = ('param_name', 'begin', 'end', 'by_epoch', 't_initial', 'warmup_t', 'warmup_lr_init', 'lr_min')
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._CONFIG_KEYS})
+        if self._global_step < self.begin:
+            return  # not started yet: the checkpoint's values are this scheduler's start values
+        # Where step() would have left it under this config (it stops counting at `end`), and the lr it would
+        # have set: an interrupted run that ended at its own `end` did not apply its last step.
+        self.last_step = min(self._global_step, self.end - 1) - self.begin
+        self._last_value = self._get_value()
+        for group, value in zip(self.optimizer.param_groups, self._last_value):
+            group[self.param_name] = value
+
     def _get_value(self):
         # last_step s is the iteration about to run; the published loop ran it at timm's value for t = s - 1.
         step = self.last_step - self.begin

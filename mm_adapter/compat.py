@@ -147,7 +147,7 @@ def ensure_mmcv_ops() -> bool:
     sys.modules['mmcv.ops'] = shim
     # mmcv.cnn imports this submodule and warns "install mmcv rather than mmcv-lite" when it is missing; the
     # placeholder (an error only if used) keeps that import quiet, as for the other compiled ops.
-    deform = types.ModuleType('mmcv.ops.multi_scale_deform_attn', 'Placeholder (installed by backbones.compat).')
+    deform = types.ModuleType('mmcv.ops.multi_scale_deform_attn', 'Placeholder (installed by mm_adapter.compat).')
     deform.MultiScaleDeformableAttention = shim.MultiScaleDeformableAttention
     sys.modules[deform.__name__] = deform
     mmcv.ops = shim

@@ -191,6 +191,34 @@ def test_schedule_is_timm_cosine_per_iteration_as_the_published_loop_drove_it():
     assert used_ours[0] == used_ours[1] == 0.0 and max(used_ours) < lr
 
 
+def test_schedule_resumed_to_train_longer_continues_the_uninterrupted_curve():
+    """A run stopped at its own end (``end`` follows max_epochs) and resumed with more epochs: the config's extent
+    applies, and the step the stopped run did not apply (past its end) is applied on load."""
+    from classification.schedule import TimmCosineLR
+
+    def scheduler(epochs):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return opt, TimmCosineLR.build_iter_from_epoch(opt, t_initial=4, warmup_t=1, by_epoch=True, epoch_length=3,
+                                                       end=epochs)
+
+    def run(opt, sched, steps):
+        used = []
+        for _ in range(steps):
+            used.append(opt.param_groups[0]['lr'])
+            opt.step()
+            sched.step()
+        return used
+
+    straight = run(*scheduler(2), 6)
+    first_opt, first = scheduler(1)
+    used = run(first_opt, first, 3)
+    opt, resumed = scheduler(2)
+    opt.load_state_dict(first_opt.state_dict())  # MMEngine's resume: optimizer, then scheduler
+    resumed.load_state_dict(first.state_dict())
+    used += run(opt, resumed, 3)
+    assert resumed.end == 6 and used == straight and straight[3] > 0.0
+
+
 def recipe_config(name='internvit_6b_224_linear_probe_in1k'):
     from mmengine.config import Config
     return Config.fromfile(os.path.join(REPO, 'configs', 'classification', f'{name}.py'))
