@@ -33,6 +33,7 @@ from mmengine.dist import barrier, get_dist_info
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import DATASETS
+from mmengine.utils import ProgressBar
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from backbones.atomic import json_dump
@@ -174,11 +175,14 @@ class CachedFeatures(Dataset):
         if todo:
             print_log(f'feature cache {self.cache_dir}: rank {rank} extracts {len(todo)} of {self.num_shards} shards',
                       logger='current')
+        # Rank 0 shows its images done with an ETA (MMEngine's bar, on stdout); the other ranks stay quiet.
+        todo_images = sum(min(self.shard_size, len(self.dataset) - s * self.shard_size) for s in todo)
+        progress = ProgressBar(todo_images) if todo and rank == 0 else None
         was_training = model.training
         model.eval()
         try:
             for shard in todo:
-                extracted += self._extract_shard(model, shard)
+                extracted += self._extract_shard(model, shard, progress)
         finally:
             model.train(was_training)
         barrier()
@@ -189,7 +193,7 @@ class CachedFeatures(Dataset):
         return extracted
 
     @torch.no_grad()
-    def _extract_shard(self, model, shard: int) -> int:
+    def _extract_shard(self, model, shard: int, progress: ProgressBar | None = None) -> int:
         start = time.time()
         first = shard * self.shard_size
         indices = range(first, min(first + self.shard_size, len(self.dataset)))
@@ -210,6 +214,8 @@ class CachedFeatures(Dataset):
                                         f"use dtype='float32'")
                 out[row:row + len(values)] = values
                 row += len(values)
+                if progress is not None:
+                    progress.update(len(values))
             out.flush()
             del out
             os.replace(tmp, self._shard_path(shard))
@@ -219,6 +225,8 @@ class CachedFeatures(Dataset):
             raise
         _write_json_atomic(self._done_path(shard), dict(count=len(indices), seconds=round(time.time() - start, 3),
                                                         sha256=_file_sha256(self._shard_path(shard))))
+        if progress is not None:
+            progress.file.write('\n')  # the bar's line ends before the log line
         print_log(f'feature cache {self.cache_dir}: shard {shard} ({len(indices)} images) in '
                   f'{time.time() - start:.1f} s', logger='current')
         return len(indices)

@@ -16,6 +16,7 @@ from backbones.atomic import json_dump
 
 from .datasets import HeldOutSplit
 from .feature_cache import prepare_feature_caches
+from .sweep_report import write_sweep_report
 
 
 def _unwrap(model):
@@ -138,6 +139,9 @@ class HeadSelectionHook(Hook):
         if is_main_process():
             path = os.path.join(runner.work_dir, 'heldout_selection.json')
             json_dump(model.selection, path, indent=1, ensure_ascii=True)
+            table = write_sweep_report(runner.work_dir, model.selection)
+            print_log(f'held-out top-1 (%) by feature x lr, chosen *; also heldout_grid.csv/.png in '
+                      f'{runner.work_dir}:\n{table}', logger='current')
 
 
 @HOOKS.register_module()

@@ -1,6 +1,7 @@
 """Linear probes end to end on a synthetic ImageNet with a tiny random InternViT: tools/train.py (one process and
 two gloo processes under torchrun), the one-pass sweep from the feature cache, and tools/test.py over every set."""
 import copy
+import csv
 import glob
 import json
 import os
@@ -131,7 +132,7 @@ def test_two_gloo_processes_agree_with_one(workspace):
     assert ddp_val['top1'] == pytest.approx(single_val['top1'])
 
 
-def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspace, monkeypatch):
+def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspace, monkeypatch, capfd):
     grid = ['model.sweep_lrs=[0.0001,0.1,3.0]', "model.sweep_features=['cls_mean','cls']", 'train_cfg.max_epochs=3']
     trained_on = set()  # dataset indices of every training batch
     train_step = LinearProbe.train_step
@@ -145,8 +146,19 @@ def test_cached_sweep_chooses_on_heldout_data_and_resumes_from_the_cache(workspa
         runner = train_in_process(CACHED_SWEEP_CONFIG, workspace / 'sweep', *grid)
     # The backbone ran once per image: 144 train (incl. 30 held out) + 36 val, for 6 heads over 3 epochs.
     assert runner.model.backbone_images_processed == 144 + 36
+    shown = capfd.readouterr().out  # the extraction's progress bar: images done of the total, with an ETA
+    assert '] 144/144, ' in shown and '] 36/36, ' in shown and 'ETA:' in shown
     selection = json.loads((workspace / 'sweep' / 'heldout_selection.json').read_text())
     assert selection['heldout_size'] == 30 and selection['epoch'] == 3
+    # The grid for a person: features x lrs as CSV (its maximum is the chosen head's score) and a PNG heat map.
+    with open(workspace / 'sweep' / 'heldout_grid.csv', newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['feature', '0.0001', '0.1', '3'] and [r[0] for r in rows[1:]] == ['cls_mean', 'cls']
+    cells = {(r[0], lr): float(v) for r in rows[1:] for lr, v in zip(rows[0][1:], r[1:])}
+    chosen = next(h for h in selection['heads'] if h['name'] == selection['selected'])
+    assert max(cells.values()) == pytest.approx(chosen['heldout_top1'], abs=1e-4)
+    assert cells[(chosen['feature'], f"{chosen['lr']:g}")] == pytest.approx(chosen['heldout_top1'], abs=1e-4)
+    assert (workspace / 'sweep' / 'heldout_grid.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     # The held-out images (20 % per class, seed 0; computed here from the labels) never reached a training step,
     # and every other train image did.
