@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -175,9 +176,10 @@ class CachedFeatures(Dataset):
         if todo:
             print_log(f'feature cache {self.cache_dir}: rank {rank} extracts {len(todo)} of {self.num_shards} shards',
                       logger='current')
-        # Rank 0 shows its images done with an ETA (MMEngine's bar, on stdout); the other ranks stay quiet.
+        # Rank 0 shows its images done with an ETA (MMEngine's bar, on the current stdout: its default is the one
+        # at import time); the other ranks stay quiet.
         todo_images = sum(min(self.shard_size, len(self.dataset) - s * self.shard_size) for s in todo)
-        progress = ProgressBar(todo_images) if todo and rank == 0 else None
+        progress = ProgressBar(todo_images, file=sys.stdout) if todo and rank == 0 else None
         was_training = model.training
         model.eval()
         try:
