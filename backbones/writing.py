@@ -68,19 +68,24 @@ def save_safetensors_shards(tensors: Mapping[str, torch.Tensor], out: Path, max_
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
+    from tqdm import tqdm
     ordered = {name: tensors[name] for name in sorted(tensors, key=_natural_key)}
     split = split_torch_state_dict_into_shards(ordered, filename_pattern='model{suffix}.safetensors',
                                                max_shard_size=max_shard_bytes)
     metadata = metadata or {'format': 'pt'}
     files = list(split.filename_to_tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    # Bytes written with an ETA, on a terminal only (disable=None: tqdm stays quiet when stderr is not a TTY).
+    progress = tqdm(total=total, unit='B', unit_scale=True, desc=f'writing {out.name}', disable=None)
     for file, names in split.filename_to_tensors.items():
         # Each file under a temporary name first, so a directory written in place never holds half a file.
         with atomic_path(out / file) as tmp:
             save_file({n: tensors[n].contiguous().clone() for n in names}, str(tmp), metadata=metadata)
+        progress.update(sum(tensors[n].numel() * tensors[n].element_size() for n in names))
         logger.info(f'wrote {out.name}/{file} ({len(names)} tensors)')
+    progress.close()
     index = out / 'model.safetensors.index.json'
     if split.is_sharded:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
         json_dump({'metadata': {'total_size': total}, 'weight_map': split.tensor_to_filename}, index)
         files.append(index.name)
     elif index.exists():

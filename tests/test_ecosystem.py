@@ -1,6 +1,7 @@
 """The ecosystem's usual entry points: transformers (native export, AutoModel), timm's registry and state dicts,
 hub ids, MMSeg's inference API and demo, result files. CPU, tiny models, no network."""
 import importlib.util
+import io
 import json
 import re
 import sys
@@ -423,3 +424,23 @@ def test_test_py_takes_the_sweep_switch_from_the_runs_dumped_config(tmp_path, ca
     other = Config.fromfile(str(config))  # a checkpoint elsewhere: the config as given
     load_tool('test').sweep_of_the_run(other, str(config), str(tmp_path / 'epoch_4.pth'))
     assert other.model.sweep is False
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize('terminal', [True, False])
+def test_export_shards_show_progress_on_a_terminal_only(tmp_path, monkeypatch, terminal):
+    from backbones.writing import save_safetensors_shards
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, 'stderr', stderr)
+    tensors = {f'w{i}': torch.zeros(256) for i in range(3)}  # 1 KiB each: three shards under a 1.5 KiB limit
+    files = save_safetensors_shards(tensors, tmp_path, max_shard_bytes=1536)
+    assert len(files) == 4  # three shards and the index
+    shown = stderr.getvalue()
+    if terminal:
+        assert f'writing {tmp_path.name}: 100%' in shown and '3.07k/3.07k' in shown
+    else:
+        assert shown == ''
