@@ -24,7 +24,6 @@ Before comparing, the state dict goes through ``convert``: by default every conv
 from __future__ import annotations
 
 import os.path as osp
-import re
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -32,7 +31,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from backbones.layouts import WeightsError
+from backbones.layouts import WeightsError, _few, _natural_key
 from backbones.reading import safe_torch_load
 
 StateDict = dict[str, torch.Tensor]
@@ -61,14 +60,8 @@ class CheckpointMismatchError(WeightsError):
     """A checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)."""
 
 
-def _natural(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
-
-
 def _listing(names: Iterable[str]) -> str:
-    names = sorted(names, key=_natural)
-    shown = ', '.join(names[:SHOWN])
-    return f'{shown} and {len(names) - SHOWN} more' if len(names) > SHOWN else shown
+    return _few(names, SHOWN)
 
 
 def read_checkpoint(filename: str) -> tuple[StateDict, dict]:
@@ -111,7 +104,7 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str,
     if unexpected:
         problems.append(f'{len(unexpected)} tensors of the file are not in the model: {_listing(unexpected)}')
     if misshaped:
-        shapes = sorted(misshaped, key=_natural)
+        shapes = sorted(misshaped, key=_natural_key)
         shown = '; '.join(f'{k} file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
                           for k in shapes[:SHOWN])
         more = f' and {len(shapes) - SHOWN} more' if len(shapes) > SHOWN else ''
