@@ -55,10 +55,12 @@ def write_heatmap(path: str | os.PathLike, features, lrs, grid, chosen: tuple[st
     ax.set_xlabel('lr (per 512 images)')
     ax.set_ylabel('feature')
     ax.set_title(title)
+    middle = (np.nanmin(values) + np.nanmax(values)) / 2
     for i in range(len(features)):
         for j in range(len(lrs)):
-            if not np.isnan(values[i, j]):
-                ax.text(j, i, f'{values[i, j]:.1f}', ha='center', va='center', color='w', fontsize=7)
+            if not np.isnan(values[i, j]):  # dark text on viridis' light (high) end
+                ax.text(j, i, f'{values[i, j]:.1f}', ha='center', va='center', fontsize=7,
+                        color='k' if values[i, j] > middle else 'w')
     i, j = features.index(chosen[0]), lrs.index(chosen[1])
     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', linewidth=2.5))
     fig.colorbar(im, ax=ax, label='held-out top-1 (%)')
