@@ -183,6 +183,44 @@ class SafeCheckpointHook(CheckpointHook):
             elif self.file_backend.isdir(path):  # DeepSpeed checkpoints are directories
                 self.file_backend.rmtree(path)
 
+    def _save_best_checkpoint(self, runner, metrics):
+        # MMEngine removes the previous best checkpoint before it writes the new one. Here it is shown no previous
+        # best (so it removes none), and the previous ones are removed once every new best checkpoint and the
+        # iteration checkpoint that names them are complete; a failed write leaves the previous best in place.
+        previous = self._best_paths()
+        if not previous:
+            return super()._save_best_checkpoint(runner, metrics)
+        self._set_best_paths(dict.fromkeys(previous))
+        try:
+            super()._save_best_checkpoint(runner, metrics)
+        except BaseException:
+            self._set_best_paths(previous)
+            raise
+        new = self._best_paths()
+        self._set_best_paths({key: new[key] or previous[key] for key in previous})
+        if not is_main_process():
+            return
+        for key, path in previous.items():
+            if path and new[key] and new[key] != path:  # the same name: re-evaluated at the same iteration
+                if self.file_backend.isfile(path):
+                    self.file_backend.remove(path)
+                elif self.file_backend.isdir(path):  # DeepSpeed checkpoints are directories
+                    self.file_backend.rmtree(path)
+                runner.logger.info(f'The previous best checkpoint {path} is removed ({new[key]} is complete)')
+
+    def _best_paths(self) -> dict:
+        if not self.save_best:
+            return {}
+        if hasattr(self, 'best_ckpt_path'):  # one metric
+            return {None: self.best_ckpt_path}
+        return dict(self.best_ckpt_path_dict)
+
+    def _set_best_paths(self, paths: dict) -> None:
+        if None in paths:
+            self.best_ckpt_path = paths[None]
+        else:
+            self.best_ckpt_path_dict.update(paths)
+
 
 # ------------------------------------------------------------------------------------------------- exact resume
 def random_states() -> dict:

@@ -80,6 +80,32 @@ def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(data_root, tmp
     assert not osp.exists(work_dir / LOCK_NAME)  # released at the end
 
 
+def test_a_failed_write_of_a_new_best_checkpoint_keeps_the_previous_best(data_root, tmp_path, monkeypatch):
+    from mmengine.hooks import CheckpointHook
+    work_dir = tmp_path / 'run'
+    monkeypatch.setitem(CheckpointHook.rule_map, 'greater', lambda new, best: True)  # every evaluation is a new best
+    real_put = AtomicLocalBackend.put
+
+    def killed_writing_best_2(self, obj, filepath):
+        if str(filepath).endswith('best_mIoU_iter_2.pth'):
+            raise KeyboardInterrupt('killed while writing')
+        return real_put(self, obj, filepath)
+
+    best = {'default_hooks.checkpoint.save_best': 'mIoU', 'train_cfg.val_interval': 1}
+    monkeypatch.setattr(AtomicLocalBackend, 'put', killed_writing_best_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_root, work_dir, 3, **best)
+    monkeypatch.setattr(AtomicLocalBackend, 'put', real_put)
+    assert sorted(f for f in os.listdir(work_dir) if f.startswith('best_')) == ['best_mIoU_iter_1.pth']
+
+    runner = train(data_root, work_dir, 3, '--resume', **best)
+    assert runner.iter == 3
+    # the previous best removed only once the new one was written; the run's last checkpoint names the new one
+    assert sorted(f for f in os.listdir(work_dir) if f.startswith('best_')) == ['best_mIoU_iter_3.pth']
+    last = torch.load(pointer(work_dir), map_location='cpu', weights_only=False)
+    assert last['message_hub']['runtime_info']['best_ckpt'] == str(work_dir / 'best_mIoU_iter_3.pth')
+
+
 # ------------------------------------------------------------------------------------------------- item 3
 @pytest.fixture
 def other_process():
