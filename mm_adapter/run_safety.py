@@ -18,11 +18,13 @@
   fit the model of the config, naming the ones that differ.
 - :func:`install_run_safety`: puts the two hooks into a config (``prepare_config`` calls it).
 - :func:`check_cfg_options`: refuses ``--cfg-options`` keys that nothing reads (a top-level config variable such
-  as ``max_iters`` was already copied where it is used when the file was read).
+  as ``max_iters`` was already copied where it is used when the file was read; a new nested key that the type
+  of its dict does not take, such as ``default_hooks.checkpoint.intervall``).
 - :func:`finish_run`: stops data workers and the process group explicitly at the end of a run.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
@@ -144,6 +146,13 @@ def _save_checkpoint_parameters() -> set:
     return names - {'self', 'out_dir', 'filename'}
 
 
+def checkpoint_hook_extra_arguments() -> set:
+    """What ``CheckpointHook`` passes on from its ``**kwargs`` to ``runner.save_checkpoint`` (the arguments that
+    method takes besides those the hook passes itself)."""
+    passed = {'file_client_args', 'save_optimizer', 'save_param_scheduler', 'meta', 'by_epoch', 'backend_args'}
+    return _save_checkpoint_parameters() - passed
+
+
 @HOOKS.register_module(force=True)
 class SafeCheckpointHook(CheckpointHook):
     """``CheckpointHook`` that deletes outdated checkpoints only after the new one and ``last_checkpoint`` are
@@ -151,10 +160,7 @@ class SafeCheckpointHook(CheckpointHook):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # CheckpointHook passes these itself; anything else goes to runner.save_checkpoint, which must accept it.
-        passed = {'file_client_args', 'save_optimizer', 'save_param_scheduler', 'meta', 'by_epoch', 'backend_args'}
-        accepted = _save_checkpoint_parameters() - passed
-        unknown = sorted(set(self.args) - accepted)
+        unknown = sorted(set(self.args) - checkpoint_hook_extra_arguments())
         if unknown:
             known = sorted(set(inspect.signature(CheckpointHook.__init__).parameters) - {'self', 'kwargs'})
             raise TypeError(f'default_hooks.checkpoint: unknown argument(s) {", ".join(unknown)}; CheckpointHook '
@@ -405,16 +411,31 @@ class ConfigOptionError(ValueError):
 
 
 def check_cfg_options(cfg, options: Mapping[str, Any]) -> None:
-    """Refuse ``--cfg-options`` keys whose top level no runner reads (config variables used when the file was
-    read: changing them afterwards changes nothing), naming where the same name is used instead."""
+    """Refuse ``--cfg-options`` keys that nothing would read, before anything is built:
+
+    - a top level that no runner reads (config variables used when the file was read: changing them afterwards
+      changes nothing), naming where the same name is used instead;
+    - a nested key that the config does not have yet, inside a dict with a ``type`` whose constructor does not take
+      it (``model.backbone.nonexistent_key``, ``default_hooks.checkpoint.intervall``), naming what it takes. Keys
+      the config already has are fine; a type that takes any ``**kwargs`` (and is not known to pass them on to
+      something with a fixed signature: ``_KEYWORDS_PASSED_ON``) is not second-guessed.
+    """
+    import copy
+
     from mmengine.runner import FlexibleRunner, Runner
     read = set(_READ_KEYS)
     for runner_cls in (Runner, FlexibleRunner):
         read |= set(inspect.signature(runner_cls.__init__).parameters)
+    merged = copy.deepcopy(cfg)
+    merged.merge_from_dict(options)  # the types the options leave (one may set a type and its arguments)
+    original, merged = cfg.to_dict(), merged.to_dict()
     unread = []
     for key in options:
         top = key.split('.')[0]
         if top in read or top.endswith(('_dataloader', '_evaluator', '_cfg', '_hooks')):
+            problem = _unread_nested_key(original, merged, key.split('.'), cfg.get('default_scope'))
+            if problem:
+                unread.append(f'{key}={options[key]}: {problem}')
             continue
         uses = sorted(_paths_ending_with(cfg.to_dict(), top.split('[')[0]))
         hint = f' (set {" / ".join(uses[:4])} instead)' if uses else ''
@@ -422,6 +443,112 @@ def check_cfg_options(cfg, options: Mapping[str, Any]) -> None:
                       f'where it is used when the file is read, so setting it now changes nothing{hint}')
     if unread:
         raise ConfigOptionError('--cfg-options: ' + '; '.join(unread))
+
+
+def _child(node: Any, part: str) -> tuple:
+    """(found, value) of ``node[part]`` for a dict key or a list index."""
+    if isinstance(node, dict) and part in node:
+        return True, node[part]
+    if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+        return True, node[int(part)]
+    return False, None
+
+
+def _unread_nested_key(original: dict, merged: dict, parts: list, scope: Optional[str]) -> Optional[str]:
+    """Why the option at ``parts`` would not be read, or None (it exists already, or nothing can tell)."""
+    node, owner = original, merged
+    for depth, part in enumerate(parts):
+        found, node = _child(node, part)
+        if not found:  # a new key of `owner` (the merged dict at parts[:depth])
+            if depth == 0 or not isinstance(owner, dict) or 'type' not in owner:
+                return None
+            kind = owner['type']
+            takes = _keywords_taken(kind, scope)
+            if takes is None or part in takes:
+                return None
+            name = kind if isinstance(kind, str) else getattr(kind, '__name__', repr(kind))
+            close = difflib.get_close_matches(part, takes, n=1)
+            hint = f'did you mean {close[0]!r}? ' if close else ''
+            return (f'{".".join(parts[:depth])} ({name}) takes no argument {part!r}; {hint}it takes '
+                    f'{", ".join(sorted(takes - _BUILDER_KEYS))}')
+        owner = _child(owner, part)[1]
+    return None
+
+
+# Keys the builders consume before calling a type (registry scope, epoch-to-iteration conversion of schedulers,
+# the optimizer wrapper's constructor).
+_BUILDER_KEYS = {'type', '_scope_', 'convert_to_iter_based', 'constructor', 'paramwise_cfg'}
+
+
+def _internvit_shape_fields(obj) -> set:
+    from backbones.presets import InternViTArch
+    return set(InternViTArch.__dataclass_fields__)
+
+
+def _next_in_mro(mixin: str):
+    """For a mixin whose ``__init__(optimizer, *args, **kwargs)`` hands everything to the next class."""
+    def keywords(obj) -> Optional[set]:
+        names = [c.__name__ for c in obj.__mro__]
+        following = [c for c in obj.__mro__[names.index(mixin) + 1:] if '__init__' in vars(c)]
+        if not following:
+            return None
+        parameters = list(inspect.signature(following[0].__init__).parameters.values())[1:]
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return None
+        return {p.name for p in parameters if p.kind != p.VAR_POSITIONAL}
+    return keywords
+
+
+# Types whose ``**kwargs`` go to something with a fixed list of arguments: type name -> what those are.
+_KEYWORDS_PASSED_ON = {'InternViT': _internvit_shape_fields,
+                       'CheckpointHook': lambda obj: checkpoint_hook_extra_arguments(),
+                       'LRSchedulerMixin': _next_in_mro('LRSchedulerMixin'),
+                       'MomentumSchedulerMixin': _next_in_mro('MomentumSchedulerMixin')}
+
+
+def _keywords_taken(kind: Any, scope: Optional[str]) -> Optional[set]:
+    """The keyword arguments the type ``kind`` (a registered name or the object) takes; None where unknown."""
+    candidates = _registered(kind, scope) if isinstance(kind, str) else [kind]
+    taken: set = set()
+    for obj in candidates:
+        try:
+            parameters = inspect.signature(obj).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        taken |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            passed_on = next((_KEYWORDS_PASSED_ON[cls.__name__] for cls in getattr(obj, '__mro__', ())
+                              if cls.__name__ in _KEYWORDS_PASSED_ON), None)
+            names = passed_on(obj) if passed_on else None
+            if names is None:
+                return None
+            taken |= names
+    return taken | _BUILDER_KEYS if candidates else None
+
+
+def _registered(name: str, scope: Optional[str]) -> list:
+    """Every object registered as ``name`` in MMEngine's registries and those of ``scope`` (e.g. mmseg)."""
+    import importlib
+
+    import mmengine.registry as root
+    from mmengine.registry import DefaultScope, Registry
+    modules = [root]
+    if scope:
+        try:
+            modules.append(importlib.import_module(f'{scope}.registry'))
+        except ImportError:
+            pass
+    registries = {id(r): r for m in modules for r in vars(m).values() if isinstance(r, Registry)}
+    found = []
+    with DefaultScope.overwrite_default_scope(scope):
+        for registry in registries.values():
+            try:
+                obj = registry.get(name)
+            except Exception:  # a registry that cannot import its modules here: it cannot answer
+                obj = None
+            if obj is not None and obj not in found:
+                found.append(obj)
+    return found
 
 
 def _paths_ending_with(node: Any, name: str, prefix: str = '') -> Iterable[str]:

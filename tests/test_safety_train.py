@@ -229,13 +229,36 @@ def test_resume_with_another_model_names_the_differing_tensors(data_root, tmp_pa
 
 
 def test_config_mistakes_stop_the_run_before_training(data_root, tmp_path):
-    with pytest.raises(TypeError, match=r'default_hooks.checkpoint: unknown argument\(s\) intervall; '
-                                        r'CheckpointHook takes'):
+    with pytest.raises(ValueError, match=r"--cfg-options: default_hooks.checkpoint.intervall=1: "
+                                         r"default_hooks.checkpoint \(CheckpointHook\) takes no argument 'intervall'; "
+                                         r"did you mean 'interval'\?"):
         train(data_root, tmp_path / 'a', 1, **{'default_hooks.checkpoint.intervall': 1})
-    assert not osp.exists(tmp_path / 'a' / 'last_checkpoint')
+    assert not osp.exists(tmp_path / 'a')  # refused before anything was written
+    with pytest.raises(ValueError, match=r"model.backbone.nonexistent_key=3: model.backbone \(InternViT\) takes no "
+                                         r"argument 'nonexistent_key'; it takes attn_impl, .*depth"):
+        train(data_root, tmp_path / 'a', 1, **{'model.backbone.nonexistent_key': 3})
+    with pytest.raises(ValueError, match=r"train_cfg.max_iter=1: train_cfg \(IterBasedTrainLoop\) takes no argument "
+                                         r"'max_iter'; did you mean 'max_iters'\?"):
+        train(data_root, tmp_path / 'a', 1, **{'train_cfg.max_iter': 1})
     with pytest.raises(ValueError, match=r"--cfg-options: max_iters=5: 'max_iters' is not read by the runner; .* "
                                          r'\(set train_cfg.max_iters'):
         train(data_root, tmp_path / 'b', 1, **{'max_iters': 5})
+    # the same typo in a config file: the hook refuses it when built, before training
+    with pytest.raises(TypeError, match=r'default_hooks.checkpoint: unknown argument\(s\) intervall; '
+                                        r'CheckpointHook takes'):
+        run_safety.SafeCheckpointHook(interval=1, intervall=1)
+
+
+def test_cfg_options_check_accepts_what_is_read(data_root):
+    from mmengine.config import Config
+    cfg = Config.fromfile(QUICKSTART_CONFIG)
+    run_safety.check_cfg_options(cfg, {  # existing keys, new keys a type takes, a type set with its arguments
+        'train_cfg.max_iters': 5, 'model.backbone.depth': 2, 'default_hooks.checkpoint.out_dir': '/tmp/x',
+        'param_scheduler.1.end': 8, 'optim_wrapper.optimizer.eps': 1e-6, 'model.decode_head.anything': 1,
+        'model.neck.type': 'Feature2Pyramid', 'model.neck.rescales': [4, 2, 1, 0.5]})
+    with pytest.raises(ValueError, match=r"param_scheduler.1.ends=8: param_scheduler.1 \(PolyLR\) takes no "
+                                         r"argument 'ends'; did you mean 'end'\?"):
+        run_safety.check_cfg_options(cfg, {'param_scheduler.1.ends': 8})
 
 
 def test_test_tool_says_a_directory_is_a_directory(tmp_path):
