@@ -10,13 +10,16 @@
   (atomically), and only then are outdated checkpoints deleted: ``last_checkpoint`` always names a complete file.
   Its extra keyword arguments (passed on to ``runner.save_checkpoint``) are checked when it is built, so a typo
   such as ``intervall=1`` stops the run at start, not at the first checkpoint.
-- :class:`ExactResumeHook`: checkpoints also store the torch (CPU and CUDA), numpy and python random states; on
-  ``--resume`` they are restored after MMEngine has replayed the data loader up to the checkpoint's iteration (the
-  sampler position, and the data workers' random streams with it), so a resumed run draws the same random numbers
-  as an uninterrupted one. Validation runs with the training states saved and put back, so whether it ran between
-  the checkpoint and the next iteration does not matter. On resume it also checks that the checkpoint's tensors
-  fit the model of the config, naming the ones that differ.
-- :func:`install_run_safety`: puts the two hooks into a config (``prepare_config`` calls it).
+- :class:`ExactResumeHook`: checkpoints also store the torch (CPU and CUDA), numpy and python random states of
+  every process; on ``--resume`` each process's are restored after MMEngine has replayed the data loader up to the
+  checkpoint's iteration (the sampler position, and the data workers' random streams with it), so a resumed run
+  draws the same random numbers as an uninterrupted one. Validation runs with the training states saved and put
+  back, so whether it ran between the checkpoint and the next iteration does not matter. On resume it also checks
+  that the checkpoint's tensors fit the model of the config, naming the ones that differ (under FSDP from the
+  shards' records of the original names and shapes, without gathering). The same under ``FlexibleRunner``
+  (DDP, FSDP and DeepSpeed strategies).
+- :func:`install_run_safety`: puts the two hooks into a config (``prepare_config`` calls it);
+  :func:`install_exact_resume` makes every strategy's checkpoints hold every rank's states (``build_runner``).
 - :func:`check_cfg_options`: refuses ``--cfg-options`` keys that nothing reads (a top-level config variable such
   as ``max_iters`` was already copied where it is used when the file was read; a new nested key that the type
   of its dict does not take, such as ``default_hooks.checkpoint.intervall``).
@@ -301,36 +304,94 @@ def describe_state_dict_difference(checkpoint: Mapping[str, torch.Tensor], model
     return lines
 
 
+def _per_rank(states: Mapping[str, Any]) -> list:
+    """Every rank's ``states``, by rank (a collective when distributed: all ranks call it together)."""
+    from mmengine.dist import all_gather_object, get_world_size
+    return [states] if get_world_size() == 1 else all_gather_object(states)
+
+
+def _expected_tensors(model) -> dict:
+    """The names the model's state dict has, each with a tensor of its shape, without gathering FSDP shards: a
+    fully sharded unit's flat parameter records the original names and shapes; buffers are not sharded."""
+    from mmengine.model import is_model_wrapper
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
+    if not units:
+        return (model.module if is_model_wrapper(model) else model).state_dict()
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    def join(*parts):
+        return '.'.join(clean_tensor_name(p).strip('.') for p in parts if clean_tensor_name(p).strip('.'))
+    expected = {}
+    for name, unit in units:
+        flat = unit._handle.flat_param if unit._handle is not None else None
+        for fqn, shape in zip(getattr(flat, '_fqns', ()), getattr(flat, '_shapes', ())):
+            expected[join(name, fqn)] = torch.empty(shape, device='meta')
+    for name, module in model.named_modules():
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
+                expected[join(name, buffer_name)] = buffer
+    return expected
+
+
 @HOOKS.register_module(force=True)
 class ExactResumeHook(Hook):
-    """Saves the random states into checkpoints and restores them on resume (see the module docstring)."""
+    """Saves every rank's random states into checkpoints and restores them on resume (see the module docstring).
+    Under several processes, ``install_exact_resume`` (``runtime.build_runner``) collects the ranks' states when a
+    checkpoint is saved."""
 
     priority = 'VERY_HIGH'
 
     def __init__(self):
         self._resumed_states = None
         self._outside_validation = None
+        self._collected = None
+        self.meta_given = {}  # set by install_exact_resume's save_checkpoint
+
+    def collect_states(self) -> None:
+        """On every rank, before a checkpoint is saved: all ranks' states, for the rank that writes the file."""
+        # Inside validation (a best checkpoint) the states to continue training from are the ones saved before it.
+        self._collected = _per_rank(self._outside_validation or random_states())
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        # Inside validation (a best checkpoint) the states to continue training from are the ones saved before it.
-        checkpoint['random_states'] = self._outside_validation or random_states()
+        states, self._collected = self._collected, None
+        checkpoint['random_states'] = states or [self._outside_validation or random_states()]
+        # FlexibleRunner.save_checkpoint overwrites the epoch/iteration its caller gives (Runner keeps them): a best
+        # checkpoint written during validation after iteration N would say N + 1, and a resume skip an iteration.
+        given, self.meta_given = self.meta_given, {}
+        checkpoint.setdefault('meta', {}).update(given)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if not getattr(runner, '_resume', False) or type(runner).__name__ == 'FlexibleRunner':
-            return  # load_from is not a resume; FlexibleRunner strategies hold sharded or engine-owned states
-        self._check_fits(runner, checkpoint)
-        self._resumed_states = checkpoint.get('random_states')
-        if self._resumed_states is None:
+        if not getattr(runner, '_resume', False):
+            return  # load_from is not a resume
+        if 'state_dict' in checkpoint:  # (a DeepSpeed engine loads its own folder strictly)
+            self._check_fits(runner, checkpoint)
+        self._resumed_states = self._states_of_this_rank(checkpoint.get('random_states'))
+
+    @staticmethod
+    def _states_of_this_rank(saved) -> Optional[Mapping[str, Any]]:
+        from mmengine.dist import get_rank, get_world_size
+        if saved is None:
             print_log('resume: the checkpoint holds no random states (written by an older version); the run '
                       'continues with the seed\'s states, so it will not repeat an uninterrupted run exactly',
                       logger='current', level=30)
+            return None
+        if isinstance(saved, Mapping):  # written by a version that kept one process's states
+            saved = [saved]
+        if len(saved) != get_world_size():
+            print_log(f'resume: the checkpoint holds the random states of {len(saved)} processes, this run has '
+                      f'{get_world_size()}; each process continues with the first one\'s, so the run will not '
+                      f'repeat an uninterrupted one exactly', logger='current', level=30)
+            return saved[0]
+        return saved[get_rank()]
 
     def _check_fits(self, runner, checkpoint: dict) -> None:
-        from mmengine.model import is_model_wrapper
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         saved = {k[len('module.'):] if k.startswith('module.') else k: v
-                 for k, v in checkpoint.get('state_dict', {}).items()}
-        problems = describe_state_dict_difference(saved, model.state_dict())
+                 for k, v in checkpoint['state_dict'].items()}
+        expected = _expected_tensors(runner.model)
+        if not any(k.endswith('_extra_state') for k in expected):  # (FSDP: not listed; not shape-checked anyway)
+            saved = {k: v for k, v in saved.items() if not k.endswith('_extra_state')}
+        problems = describe_state_dict_difference(saved, expected)
         if problems:
             source = getattr(runner, '_load_from', None) or osp.join(runner.work_dir, 'last_checkpoint')
             raise RuntimeError(f'--resume: the checkpoint ({source}) was written by another model than this '
@@ -354,6 +415,44 @@ class ExactResumeHook(Hook):
         if self._outside_validation is not None:
             set_random_states(self._outside_validation)
             self._outside_validation = None
+
+
+def install_exact_resume(runner) -> None:
+    """Make ``runner``'s checkpoints hold every rank's random states, under every strategy.
+
+    ``runner.save_checkpoint`` is called by every rank (MMEngine's hooks do; FSDP and DeepSpeed gather weights
+    collectively), while ``Runner`` writes, and calls ``before_save_checkpoint``, on rank 0 only: the ranks' states
+    are collected just before, in the wrapper installed here. MMEngine's ``DeepSpeedStrategy`` calls no checkpoint
+    hooks at all (its ``callback`` is "not supported yet"): its saving and resuming hand this hook the extra state
+    that DeepSpeed stores beside its shards. A no-op without an ``ExactResumeHook``."""
+    hook = next((h for h in runner.hooks if isinstance(h, ExactResumeHook)), None)
+    if hook is None:
+        return
+    save_checkpoint = runner.save_checkpoint
+
+    def save_with_states(*args, **kwargs):
+        hook.collect_states()
+        meta = kwargs.get('meta') if 'meta' in kwargs else (args[5] if len(args) > 5 else None)
+        hook.meta_given = {k: meta[k] for k in ('epoch', 'iter') if k in meta} if isinstance(meta, dict) else {}
+        return save_checkpoint(*args, **kwargs)
+
+    runner.save_checkpoint = save_with_states
+    strategy = getattr(runner, 'strategy', None)
+    if type(strategy).__name__ != 'DeepSpeedStrategy':
+        return
+    strategy_save, strategy_resume = strategy.save_checkpoint, strategy.resume
+
+    def save_deepspeed(filename, *, extra_ckpt=None, **kwargs):
+        extra_ckpt = {} if extra_ckpt is None else extra_ckpt
+        hook.before_save_checkpoint(runner, extra_ckpt)
+        return strategy_save(filename, extra_ckpt=extra_ckpt, **kwargs)
+
+    def resume_deepspeed(filename, **kwargs):
+        extra_ckpt = strategy_resume(filename, **kwargs)
+        hook.after_load_checkpoint(runner, extra_ckpt)
+        return extra_ckpt
+
+    strategy.save_checkpoint, strategy.resume = save_deepspeed, resume_deepspeed
 
 
 # ------------------------------------------------------------------------------------------------- teardown

@@ -233,6 +233,7 @@ def init_distributed_without_cuda(launcher: str) -> None:
 
 
 def build_runner(cfg: Config):
+    from .run_safety import install_exact_resume
     from .schedule_resume import install_config_shaped_resume
     from .strict_loading import install_strict_loading, registered_converters
     install_atomic_local_backend()  # this run's checkpoints and last_checkpoint pointer are written atomically
@@ -245,6 +246,7 @@ def build_runner(cfg: Config):
     install_strict_loading(runner, allow_partial=bool(cfg.get('allow_partial_load', False)),
                            convert=registered_converters)
     install_config_shaped_resume(runner)  # --resume: the config's schedules, the checkpoint's position
+    install_exact_resume(runner)  # every rank's random states in every checkpoint, under every strategy
     return runner
 
 

@@ -17,7 +17,8 @@ Start-up in bounded host memory: ``strategy = dict(type='InternViTFSDPStrategy',
 InternViT backbone on the meta device (``backbones.deferred_load``); FSDP then allocates one unit at a time, fills it
 from the ``pretrained`` checkpoint (only that unit's tensors are read) and shards it before the next, so a rank holds
 its shard plus one block instead of the whole fp32 model and the whole checkpoint. Neck and heads are built and
-initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up.
+initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up. It also resumes
+(``--resume``), which MMEngine 0.10.7's ``FSDPStrategy`` cannot with current torch (see ``load_optim_state_dict``).
 """
 from __future__ import annotations
 
@@ -117,6 +118,21 @@ class InternViTFSDPStrategy(FSDPStrategy):
             print_log(f'InternViTFSDPStrategy: {deferred:,} backbone parameters on the meta device, loaded per '
                       f'shard unit while wrapping', logger='current')
         return model
+
+    def optim_state_dict(self) -> dict:
+        state = super().optim_state_dict()
+        if getattr(self.optim_wrapper, 'base_param_settings', None) is not None:  # the wrapper's own; FSDP drops it
+            state['base_param_settings'] = self.optim_wrapper.base_param_settings
+        return state
+
+    def load_optim_state_dict(self, state_dict: dict) -> None:
+        # --resume: MMEngine 0.10.7 passes FSDP.optim_state_dict_to_load the arguments of torch < 2.0, in another
+        # order, and fails (TypeError: unhashable type: 'dict').
+        base_param_settings = state_dict.pop('base_param_settings', None)
+        self.optim_wrapper.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(
+            self.model, self.optim_wrapper.optimizer, state_dict))
+        if base_param_settings is not None:
+            self.optim_wrapper.base_param_settings = base_param_settings
 
     def _init_model_weights(self, model: nn.Module) -> nn.Module:
         # MMEngine's version reads every parameter (init_weights records their means) and broadcasts them from rank
