@@ -49,6 +49,12 @@ def to_project(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def to_project_names(state_dict: Mapping[str, torch.Tensor], model=None) -> dict[str, torch.Tensor]:
+    """``to_project`` as strict loading's converter (``mm_adapter.strict_loading.register_converter``); the
+    mapping is the same for every segmentor ``model``."""
+    return to_project(state_dict)
+
+
 def _backbone_to_canonical(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     try:
         prefix, layout = detect_layout(backbone)

@@ -198,7 +198,7 @@ def test_resume_with_another_model_names_the_differing_tensors(data_root, tmp_pa
     work_dir = tmp_path / 'run'
     train(data_root, work_dir, 1)
     with pytest.raises(RuntimeError, match=r'--resume: the checkpoint .* was written by another model than this '
-                                           r'config builds: .*tensors of another shape: auxiliary_head\.'):
+                                           r'config builds: .*tensors have another shape: auxiliary_head\.'):
         train(data_root, work_dir, 2, '--resume', **{'model.auxiliary_head.channels': 8})
 
 

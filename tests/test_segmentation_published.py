@@ -261,11 +261,12 @@ def broken(published, kind):
         sd['decode_head.conv_extra.weight'] = torch.zeros(3)
         return sd, 'decode_head.conv_extra.weight'
     sd['decode_head.conv_seg.weight'] = torch.zeros(CLASSES + 1, C, 1, 1)
-    return sd, rf'decode_head.conv_seg.weight file \({CLASSES + 1}, {C}, 1, 1\) vs model \({CLASSES}, {C}, 1, 1\)'
+    return sd, (rf'decode_head.conv_seg.weight: checkpoint \({CLASSES + 1}, {C}, 1, 1\) vs model '
+                rf'\({CLASSES}, {C}, 1, 1\)')
 
 
 KINDS = ['missing', 'extra', 'shape']
-MESSAGES = {'missing': 'missing from the file', 'extra': 'not in the model', 'shape': 'another shape'}
+MESSAGES = {'missing': 'missing from the checkpoint', 'extra': 'not in the model', 'shape': 'another shape'}
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -282,7 +283,7 @@ def test_many_problems_are_counted_after_a_handful(linear_file, data_root, tmp_p
     sd = {k: v for k, v in linear_file.items() if not k.startswith('backbone.blocks.')}
     checkpoint = save(sd, tmp_path / 'no_blocks.pth', wrapped=False)
     count = 13 * DEPTH  # tensors per InternViT block (no qkv bias)
-    with pytest.raises(CheckpointMismatchError, match=rf'{count} tensors of the model are missing from the file: '
+    with pytest.raises(CheckpointMismatchError, match=rf'{count} tensors of the model are missing from the checkpoint: '
                                                       rf'backbone\.encoder\.layers\.0\.[^,]+(, [^,]+){{4}} and '
                                                       rf'{count - 5} more'):
         evaluate(config, checkpoint, data_root, tmp_path / 'work')
@@ -394,7 +395,7 @@ def test_distributed_strategies_refuse_a_file_that_does_not_fit(strategy, kind, 
     sd, name = broken(upernet_file, kind)
     if kind == 'shape':
         sd['decode_head.conv_seg.weight'] = torch.zeros(CLASSES + 1, 32, 1, 1)  # UPerHead channels 32
-        name = r'decode_head.conv_seg.weight file \(6, 32, 1, 1\) vs model \(5, 32, 1, 1\)'
+        name = r'decode_head.conv_seg.weight: checkpoint \(6, 32, 1, 1\) vs model \(5, 32, 1, 1\)'
     checkpoint = save(sd, tmp_path / f'{kind}.pth', wrapped=True)
     with pytest.raises(CheckpointMismatchError, match=rf'{re.escape(checkpoint)}.*{MESSAGES[kind]}.*{name}'):
         evaluate(config, checkpoint, data_root, tmp_path / 'work', launcher='pytorch')
