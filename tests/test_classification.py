@@ -38,14 +38,7 @@ from classification.heads import head_losses
 EVAL_56 = dict(type='ProbeEvalTransform', size=56)
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_hash_cache(tmp_path, monkeypatch):
-    # Tiny models run fastest on one thread (and do not fight other processes); hashes never touch ~/.cache.
-    monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(tmp_path / 'hash_cache'))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread', 'private_hash_cache')  # tests/conftest.py
 
 
 def tiny_probe(seed=0, **kwargs):

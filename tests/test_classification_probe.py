@@ -17,13 +17,7 @@ from classification import LinearProbe, ProbeCheckpointError, read_probe_checkpo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(tmp_path / 'hash_cache'))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread', 'private_hash_cache')  # tests/conftest.py
 
 
 def tiny_probe(seed=0, **kwargs):

@@ -19,12 +19,14 @@ from mmseg.registry import MODELS
 import segmentation  # noqa: F401
 from mm_adapter.strict_loading import CheckpointMismatchError
 from segmentation.published_layout import to_project, to_published
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, torch_threads
+from segmentation.testing import QUICKSTART_CONFIG, as_cli
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 C, DEPTH, HEADS, MLP, CLASSES = 64, 4, 4, 256, 5  # internvit_tiny
 CROP = 112
 GRID = CROP // 14  # the published files hold the position embedding at the crop's grid (36x36 at 504)
+TINY_DATASET = dict(num_train=2, size=CROP)  # data_root: tests/conftest.py
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @HOOKS.register_module(force=True)
@@ -34,17 +36,6 @@ class KeepTestedModelHook(Hook):
 
     def before_test(self, runner):
         KeepTestedModelHook.models.append(runner.model)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('published') / 'synth'), num_train=2, num_val=2, size=CROP)
 
 
 # ------------------------------------------------------------------------------------------------ configs

@@ -15,10 +15,12 @@ from PIL import Image
 
 import segmentation  # noqa: F401
 from mm_adapter.runtime import build_runner, prepare_config
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options, torch_threads
+from segmentation.testing import QUICKSTART_CONFIG, as_cli, tiny_run_options
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TRAIN_ITERS = 30
+TINY_DATASET = dict(num_train=16, num_val=4)  # data_root: tests/conftest.py
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_tool(name, argv):
@@ -29,17 +31,6 @@ def run_tool(name, argv):
 
 def load_checkpoint(path):
     return torch.load(path, map_location='cpu', weights_only=False)  # written by these tests
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('seg_train') / 'synth'), num_train=16, num_val=4, size=112)
 
 
 @pytest.fixture(scope='module')
