@@ -23,7 +23,6 @@ from classification import (
     ImageNetReaL,
     ImageNetV2Folder,
     ImageReadError,
-    LinearProbe,
     LinearProbeOptimWrapperConstructor,
     MultiSetTestLoop,
     StaleFeatureCacheError,
@@ -35,17 +34,12 @@ from classification import (
 )
 from classification.heads import head_losses
 
+from helpers import tiny_probe
+
 EVAL_56 = dict(type='ProbeEvalTransform', size=56)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'private_hash_cache')  # tests/conftest.py
-
-
-def tiny_probe(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault('num_classes', 4)
-    backbone = kwargs.pop('backbone', dict(type='InternViT', preset='internvit_tiny', frozen=True))
-    return LinearProbe(backbone=backbone, **kwargs)
 
 
 def write_image(path, color, size=24):

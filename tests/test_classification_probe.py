@@ -14,16 +14,16 @@ import torch.nn.functional as F
 import classification  # noqa: F401  (registers everything)
 from classification import LinearProbe, ProbeCheckpointError, read_probe_checkpoint
 
+import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'private_hash_cache')  # tests/conftest.py
 
 
-def tiny_probe(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault('num_classes', 5)
-    return LinearProbe(backbone=dict(type='InternViT', preset='internvit_tiny', frozen=True), **kwargs)
+def tiny_probe(seed=0, num_classes=5, **kwargs):
+    return helpers.tiny_probe(seed, num_classes, **kwargs)
 
 
 def save_published_head(path, head: dict, ema: dict | None = None):

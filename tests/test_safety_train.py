@@ -20,11 +20,9 @@ from mm_adapter.atomic_io import AtomicLocalBackend
 from mm_adapter.run_safety import LOCK_NAME, WorkDirLockedError, _process_start
 from segmentation.testing import QUICKSTART_CONFIG, as_cli, tiny_run_options
 
+from helpers import tool
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def tool(name, entry='main'):
-    return runpy.run_path(osp.join(ROOT, 'tools', f'{name}.py'), run_name=f'tools_{name}')[entry]
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # data_root: tests/conftest.py

@@ -25,19 +25,10 @@ from backbones.loading import load_into_model
 from backbones.reading import read_weights
 from backbones.writing import write_hf, write_hf_native, write_into_chat
 
+from helpers import randomized
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'export_to_chat.py'
-
-
-def randomized(preset='internvit_tiny', seed=0, **overrides):
-    """A tiny model whose every parameter is random (norm weights and layer scales included)."""
-    torch.manual_seed(seed)
-    model = InternViT(preset, **overrides).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            one = name.endswith(('norm1.weight', 'norm2.weight', 'q_norm.weight', 'k_norm.weight'))
-            p.normal_(1.0 if one else 0.0, 0.3 if name.endswith(('ls1', 'ls2')) else 0.1)
-    return model
 
 
 def canonical(model):
