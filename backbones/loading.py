@@ -52,21 +52,21 @@ class StateDictMismatch:
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.misshaped)
 
-    def describe(self, shown: int = 5, rename: Callable[[str], str] | None = None, found: str = 'checkpoint',
-                 expected: str = 'model') -> list[str]:
+    def describe(self, shown: int = 5, rename: Callable[[str], str] | None = None, found_as: str = 'checkpoint',
+                 expected_as: str = 'model') -> list[str]:
         """One phrase per kind of problem, naming ``shown`` tensors (in the file's names, via ``rename``) and
-        counting the rest; ``found`` / ``expected`` name the two sides."""
+        counting the rest; ``found_as`` / ``expected_as`` name the two sides."""
         rename = rename or (lambda name: name)
         lines = []
         if self.missing:
-            lines.append(f'{len(self.missing)} tensors of the {expected} are missing from the {found}: '
+            lines.append(f'{len(self.missing)} tensors of the {expected_as} are missing from the {found_as}: '
                          f'{_few(map(rename, self.missing), shown)}')
         if self.unexpected:
-            lines.append(f'{len(self.unexpected)} tensors of the {found} are not in the {expected}: '
+            lines.append(f'{len(self.unexpected)} tensors of the {found_as} are not in the {expected_as}: '
                          f'{_few(map(rename, self.unexpected), shown)}')
         if self.misshaped:
             names = sorted(self.misshaped, key=_natural_key)
-            listed = '; '.join(f'{rename(k)}: {found} {self.misshaped[k][0]} vs {expected} {self.misshaped[k][1]}'
+            listed = '; '.join(f'{rename(k)}: {found_as} {self.misshaped[k][0]} vs {expected_as} {self.misshaped[k][1]}'
                                for k in names[:shown])
             more = f' and {len(names) - shown} more' if len(names) > shown else ''
             lines.append(f'{len(names)} tensors have another shape: {listed}{more}')

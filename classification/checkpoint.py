@@ -7,8 +7,10 @@ Two layouts are read:
 * the published InternVL trainer's head file (``intern_vit_6b_224px_head.pth``, SwinTransformer-style):
   ``{'model': {...}, ...}`` with ``norm.*`` (BatchNorm1d), ``head.*`` (Linear) and, for the attention-pooling
   probe, ``attn_pooling.*``; optionally ``model_ema`` with the same names. Older files have no ``norm.*``.
-  The file may also pickle its optimizer, a yacs config and numbers: it is read with the project's safe reader,
-  every foreign object replaced by an inert stand-in, never unpickled in full.
+  The file may also pickle its optimizer state, a yacs config and numbers: it is read with the project's safe
+  reader, the yacs config (``PUBLISHED_FILE_OBJECTS``) and numpy scalars replaced by inert stand-ins, never
+  unpickled in full. ``load_from`` / ``tools/test.py`` read it through the shared strict loading, with the
+  converter ``classification`` registers (``model.published_head_to_probe_state``).
 
 Either way every head tensor the model has must be in the file with its shape and nothing may be left over;
 anything else is a ``ProbeCheckpointError`` naming the tensors (and the file, where the caller knows it).

@@ -282,6 +282,32 @@ def test_load_errors_name_tensors_shapes_and_source(rms):
     load_into_model(model, missing, source='ckpt.pth', strict=False)
 
 
+def test_one_mismatch_listing_names_counts_and_both_shapes():
+    """backbones.loading.compare_state_dicts / describe: the listing every strict load uses (backbone, runners,
+    resume, probe heads)."""
+    from backbones.loading import compare_state_dicts, describe_mismatch
+    expected = {f'layers.{i}.w': torch.zeros(2, 3) for i in range(12)} | {'_extra_state': torch.zeros(7)}
+    found = {f'layers.{i}.w': torch.zeros(3, 3) for i in range(1, 12)} | {'extra': torch.zeros(1),
+                                                                           '_extra_state': torch.zeros(9)}
+    mismatch = compare_state_dicts(found, expected)
+    assert mismatch.missing == ['layers.0.w'] and mismatch.unexpected == ['extra']
+    assert len(mismatch.misshaped) == 11 and '_extra_state' not in mismatch.misshaped  # metadata of any length
+    lines = mismatch.describe()
+    assert lines == ['1 tensors of the model are missing from the checkpoint: layers.0.w',
+                     '1 tensors of the checkpoint are not in the model: extra',
+                     '11 tensors have another shape: layers.1.w: checkpoint (3, 3) vs model (2, 3); '
+                     'layers.2.w: checkpoint (3, 3) vs model (2, 3); layers.3.w: checkpoint (3, 3) vs model (2, 3); '
+                     'layers.4.w: checkpoint (3, 3) vs model (2, 3); layers.5.w: checkpoint (3, 3) vs model (2, 3) '
+                     'and 6 more']
+    renamed = describe_mismatch(found, expected, shown=1, rename=lambda k: 'file/' + k, found_as='source',
+                                expected_as='chat')
+    assert renamed[0] == '1 tensors of the chat are missing from the source: file/layers.0.w'
+    assert renamed[2] == '11 tensors have another shape: file/layers.1.w: source (3, 3) vs chat (2, 3) and 10 more'
+    shapes = {k: v.shape for k, v in expected.items()}  # names -> torch.Size works as the expected side too
+    assert compare_state_dicts(found, shapes) == mismatch
+    assert not compare_state_dicts(expected, shapes) and describe_mismatch(expected, expected) == []
+
+
 def test_pretrained_errors(tmp_path, rms):
     with pytest.raises(FileNotFoundError, match='does/not/exist.pth does not exist'):
         InternViT('internvit_tiny', pretrained=str(tmp_path / 'does/not/exist.pth'))
@@ -494,7 +520,7 @@ def test_export_to_chat_hf_dir_errors_and_overwrite(tmp_path, rms, capsys):
     chat = make_chat(tmp_path / 'chat', InternViT('internvit_tiny', mlp_dim=128))
     assert tool.main([str(src), str(tmp_path / 'x'), '--into-chat', str(chat), '--num-heads', '4']) == 2
     err = capsys.readouterr().err
-    assert 'vision_model.encoder.layers.0.mlp.fc1.weight: source (256, 64) vs chat (128, 64)' in err
+    assert 'vision_model.encoder.layers.0.mlp.fc1.weight: source (256, 64) vs chat vision model (128, 64)' in err
     assert not (tmp_path / 'x').exists()
     # never in place
     assert tool.main([str(src), str(chat), '--into-chat', str(chat), '--overwrite', '--num-heads', '4']) == 2
