@@ -115,6 +115,15 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str,
     return fitting
 
 
+def _naming(source: str, err: Exception) -> Exception:
+    """``err`` with ``source`` in front of its message (the same type; ``err`` itself where that type cannot be
+    made from a message alone)."""
+    try:
+        return type(err)(f'{source}: {err}')
+    except TypeError:
+        return err
+
+
 def _bare(model: nn.Module) -> nn.Module:
     from mmengine.model import BaseTTAModel
     if is_model_wrapper(model) or isinstance(model, BaseTTAModel):  # TTA (tools/test.py --tta) wraps the segmentor
@@ -130,7 +139,7 @@ def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], so
     try:  # a model's own checks while loading (a probe's backbone record) are about this file too
         model.load_state_dict(fitting, strict=not allow_partial)
     except (ValueError, RuntimeError) as err:
-        raise type(err)(f'{source}: {err}') from None
+        raise _naming(source, err) from None
     print_log(f'Loaded {len(fitting)} tensors from {source} (strict: {"no, partial" if allow_partial else "yes"})',
               logger='current')
 
@@ -145,7 +154,7 @@ def load_checkpoint_strictly(model: nn.Module, filename: str, allow_partial: boo
         try:
             converted = convert(state_dict, _bare(model))
         except WeightsError as err:
-            raise type(err)(f'{filename}: {err}') from None
+            raise _naming(filename, err) from None
         if converted.keys() != state_dict.keys():
             source = f"{filename} (names below after mapping the file's layout to the model's)"
         state_dict = converted
