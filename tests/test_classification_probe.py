@@ -3,6 +3,7 @@ strictly (both variants, foreign pickled objects beside the tensors), every load
 not fit, the attention-pooling head matches a reference written from its description, and the recipe's numbers
 (Mixup/CutMix, label smoothing, SGD Nesterov, timm cosine schedule, EMA) are the published ones."""
 import os
+import re
 import sys
 import types
 
@@ -182,6 +183,19 @@ def test_own_checkpoints_are_strict_too(tmp_path):
             tiny_probe(ema_decay=0.998).load_state_dict(broken, strict=False)
     with pytest.raises(ProbeCheckpointError, match='no EMA heads: set model.ema_decay=None'):
         tiny_probe(ema_decay=0.998).load_state_dict(tiny_probe().state_dict())
+
+
+def test_shared_strict_loader_names_the_file_of_heads_from_another_backbone(tmp_path):
+    """load_from / tools/test.py with a probe checkpoint: the model's own record check speaks, naming the file."""
+    from mm_adapter.strict_loading import load_checkpoint_strictly, registered_converters
+
+    path = tmp_path / 'epoch_1.pth'
+    torch.save(dict(state_dict=tiny_probe(seed=0).state_dict(), meta={}), path)
+    same = tiny_probe(seed=0)
+    load_checkpoint_strictly(same, str(path), convert=registered_converters)
+    with pytest.raises(classification.BackboneMismatchError,
+                       match=f'^{re.escape(str(path))}: these heads were trained on a backbone with sha256'):
+        load_checkpoint_strictly(tiny_probe(seed=1), str(path), convert=registered_converters)
 
 
 # ------------------------------------------------------------------------------------------------ recipe
