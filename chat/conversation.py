@@ -152,9 +152,9 @@ class Conversation:
             if text:
                 block.text += text
                 if role == ASSISTANT:
-                    # the answer and its closing separator; internvl2_5's newline after <|im_end|> is not supervised
-                    sep = t.sep.rstrip('\n') if t.per_message_tokens else t.sep
-                    block.targets.append((len(t.roles[role]), len(block.text) + len(sep)))
+                    # the answer and its closing separator (per-message templates: chat.data._encode_per_message
+                    # ends the labels as the published preprocess_internvl2_5 does, before the message's last token)
+                    block.targets.append((len(t.roles[role]), len(block.text) + len(t.sep)))
                 block.text += t.sep
             blocks.append(block)
         return blocks if t.per_message_tokens else [_join(blocks)]

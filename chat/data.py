@@ -210,26 +210,42 @@ def _leading_special_tokens(tokenizer) -> int:
 def encode_conversation(tokenizer, conv) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a rendered conversation, as the published ``preprocess_*`` functions make them.
 
-    The whole rendered text is tokenized once with the tokenizer's default special tokens (templates with
-    ``per_message_tokens``: each message on its own, without them, ids concatenated). Labels keep the tokens
+    The whole rendered text is tokenized once with the tokenizer's default special tokens. Labels keep the tokens
     between the token counts of the rendered prefixes that end where each supervised span starts and ends;
     everything else is -100. This equals the published functions' position arithmetic wherever that arithmetic is
-    consistent; where it is not (a tokenizer that adds a BOS token with ``Hermes-2``: the published function counts
-    the BOS once per turn, reports "tokenization mismatch" and masks the whole record) the answers are supervised
-    as intended and ``input_ids`` are still the published ones.
+    consistent; where it is not (the published function reports "tokenization mismatch" and masks the whole
+    record, see README) the answers are supervised as intended and ``input_ids`` are still the published ones.
+    Templates with ``per_message_tokens``: ``_encode_per_message``.
     """
-    blocks = conv.blocks()
-    whole = not conv.template.per_message_tokens
-    lead = _leading_special_tokens(tokenizer) if whole else 0
+    if conv.template.per_message_tokens:
+        return _encode_per_message(tokenizer, conv.blocks())
+    (block,) = conv.blocks()
+    lead = _leading_special_tokens(tokenizer)
+    input_ids = tokenizer(block.text)['input_ids']
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in block.targets:
+        a = lead + len(tokenizer(block.text[:start], add_special_tokens=False)['input_ids'])
+        b = lead + len(tokenizer(block.text[:end], add_special_tokens=False)['input_ids'])
+        labels[a:b] = input_ids[a:b]
+    return input_ids, labels
+
+
+def _encode_per_message(tokenizer, blocks) -> tuple[list[int], list[int]]:
+    """The published ``preprocess_internvl2_5``: each message tokenized on its own with the default special tokens
+    and the ids concatenated; a tokenizer with ``add_bos_token`` gets its BOS once, in front of the first message.
+    An answer supervises its tokens after those of the role marker (tokenized alone) except the message's last
+    token (the newline after ``<|im_end|>``; with a SentencePiece tokenizer the ``▁`` before it is supervised)."""
+    bos = bool(getattr(tokenizer, 'add_bos_token', False))
     input_ids: list[int] = []
     labels: list[int] = []
-    for block in blocks:
-        ids = tokenizer(block.text, add_special_tokens=whole)['input_ids']
+    for k, block in enumerate(blocks):
+        # published: BOS text in front of the first message, then the first id of every message dropped
+        text = tokenizer.bos_token + block.text if bos and k == 0 else block.text
+        ids = tokenizer(text)['input_ids'][int(bos):]
         block_labels = [IGNORE_INDEX] * len(ids)
-        for start, end in block.targets:
-            a = lead + len(tokenizer(block.text[:start], add_special_tokens=False)['input_ids'])
-            b = lead + len(tokenizer(block.text[:end], add_special_tokens=False)['input_ids'])
-            block_labels[a:b] = ids[a:b]
+        for start, _ in block.targets:
+            a = len(tokenizer(block.text[:start])['input_ids']) - int(bos)
+            block_labels[a:len(ids) - 1] = ids[a:len(ids) - 1]
         input_ids += ids
         labels += block_labels
     return input_ids, labels
