@@ -13,8 +13,8 @@ form, ``--data FILE.jsonl [--image_root DIR]`` (default root: the file's folder)
 
 Tokenization (``encode_conversation``): the whole rendered conversation is tokenized once and the labels are set
 by position, giving the ``input_ids`` and labels of the published ``preprocess_*`` functions (see
-``chat.conversation`` for what is supervised; the one deliberate difference, tokenizers that add a BOS token, is
-described there and in README).
+``chat.conversation`` for what is supervised; the deliberate difference, records whose published position
+arithmetic miscounts and which the published code therefore masks whole, is described in README).
 
 ``record_rules='published'`` (default) reads records as the published code does: a leading answer is dropped, a
 single image without ``<image>`` goes in front of the first turn, ``"image": ""`` is a text-only record; a leading

@@ -113,9 +113,10 @@ def build_tiny_llama_tokenizer(legacy: bool = True, phi3: bool = False, vocab_si
     (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 byte-fallback pieces, then a tiny BPE vocabulary), ``<s>`` added
     in front, ``▁`` prepended to the text and, with ``legacy`` (LLaMA-2 / V1-1), again after every special token.
 
-    ``phi3``: as Phi-3-mini's tokenizer (Mini-InternVL-Chat-4B-V1-5): ``legacy=False`` and its added tokens
-    ``<|endoftext|>`` (EOS and pad), ``<|assistant|>``, ``<|system|>``, ``<|end|>``, ``<|user|>``, each swallowing
-    the whitespace after it (``rstrip``) as the published Phi-3 tokenizer declares them.
+    ``phi3``: as Phi-3-mini's tokenizer (Mini-InternVL-Chat-4B-V1-5): ``legacy=False``, ``<s>`` added (the
+    published ``preprocess_phi3`` counts one leading BOS) and the added tokens ``<|endoftext|>`` (EOS and pad),
+    ``<|assistant|>``, ``<|system|>``, ``<|end|>``, ``<|user|>``, each swallowing the whitespace after it
+    (``rstrip``, as Phi-3's tokenizer config declares them).
     """
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
