@@ -14,7 +14,13 @@ import pytest
 
 from chat.conversation import get_template
 from chat.data import SFTDataset, encode_conversation
-from chat.tiny import build_tiny_llama_tokenizer, build_tiny_sp_tokenizer, build_tiny_tokenizer, colour_square
+from chat.tiny import (
+    PHI3_TOKENS,
+    build_tiny_llama_tokenizer,
+    build_tiny_sp_tokenizer,
+    build_tiny_tokenizer,
+    colour_square,
+)
 from chat.tokenization import prepare_tokenizer
 
 RECORDS = {
@@ -95,8 +101,9 @@ BPE_INTERNVL2_5 = {
 # ``preprocess``'s. Its labels are all -100 ("tokenization mismatch": since InternVL 2.0 the template's two
 # separators are swapped and the function splits the turns at every space); the labels here are that function's with
 # the template of the V1-1 release (commit 9807c9f, sep ' ', sep2 '</s>'), the code V1-1 was trained with.
-# Phi-3-style tokenizer (LLaMA SentencePiece, non-legacy, <s> added, role tokens with rstrip): published
-# preprocess_phi3 for the one-round records (two_images and over_long: the documented exception, tested below).
+# Phi-3-style tokenizer (LLaMA SentencePiece, non-legacy, <s> added, role tokens with rstrip; tokenizers-backed):
+# published preprocess_phi3 for the one-round records (two_images and over_long: the documented exception, tested
+# below; with the slow tokenizer's leading piece, PHI3_SLOW_PHI3_CHAT, every record is equal).
 # internvl2_5 with a SentencePiece-style tokenizer without BOS and with the LLaMA-style one (add_bos_token):
 # published preprocess_internvl2_5.
 LLAMA_INTERNVL_ZH = {
@@ -150,6 +157,21 @@ LLAMA_INTERNVL2_5 = {
         [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 300, 304, 305, 394, 426, 295]),
 }
 
+# The same Phi-3-style tokenizer with the slow SentencePiece tokenizer's lone word-start piece in front of a text
+# that begins with a role token (SlowPhi3Start below): published preprocess_phi3 is consistent then, all records.
+PHI3_SLOW_PHI3_CHAT = {
+    'one_image': ([1, 295, 418, 340, 318, 285, 276, 272, 273, 262, 419, 420, 421, 423, 423, 422, 411, 332, 395, 305, 306, 377, 419, 417, 287, 300, 304, 305, 394, 419],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 287, 300, 304, 305, 394, 419]),
+    'two_images': ([1, 295, 418, 340, 318, 285, 276, 272, 273, 262, 419, 420, 421, 423, 423, 422, 259, 421, 423, 423, 422, 411, 324, 341, 398, 305, 399, 419, 417, 268, 376, 419, 420, 290, 332, 395, 305, 306, 377, 419, 417, 287, 300, 304, 305, 405, 419],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 268, 376, 419, None, None, None, None, None, None, None, None, None, 287, 300, 304, 305, 405, 419]),
+    'no_image': ([1, 295, 418, 340, 318, 285, 276, 272, 273, 262, 419, 420, 300, 333, 261, 366, 365, 389, 419, 417, 276, 378, 397, 402, 388, 419],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 276, 378, 397, 402, 388, 419]),
+    'leading_space': ([1, 295, 418, 340, 318, 285, 276, 272, 273, 262, 419, 420, 421, 423, 423, 422, 411, 332, 395, 305, 306, 377, 419, 417, 287, 300, 304, 305, 407, 419],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 287, 300, 304, 305, 407, 419]),
+    'over_long': ([1, 295, 418, 340, 318, 285, 276, 272, 273, 262, 419, 420, 421, 423, 423, 422, 411, 332, 395, 305, 306, 377, 419, 417, 287, 300, 304, 305, 394, 419, 420, 344, 393, 306, 401, 419, 417, 268, 304, 370],
+        [None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, 287, 300, 304, 305, 394, 419, None, None, None, None, None, None, None, 268, 304, 370]),
+}
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('sft')
@@ -193,6 +215,34 @@ def test_sft_ids_and_labels_equal_the_published_preprocessing(data_dir, build, t
 
 def supervised(tokenizer, labels):
     return tokenizer.convert_ids_to_tokens([x for x in labels if x is not None])
+
+
+class SlowPhi3Start:
+    """The tiny Phi-3-style tokenizer as the slow non-legacy LlamaTokenizer of transformers 4.x, which the
+    published script loads (``use_fast=False``), encodes a text beginning with a role token: its ``tokenize``
+    prepends ``▁`` and drops it only before a token in ``all_special_tokens``, which Phi-3's role tokens are not,
+    so a lone ``▁`` piece comes first -- what the "-1"/"-2" counts of preprocess_phi3 expect. A tokenizers-backed
+    tokenizer (transformers 5's LlamaTokenizer) has no such piece."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)['input_ids']
+        if text.startswith(PHI3_TOKENS):
+            lead = int(add_special_tokens)
+            ids = ids[:lead] + [self.tokenizer.convert_tokens_to_ids('▁')] + ids[lead:]
+        return {'input_ids': ids}
+
+
+@pytest.mark.parametrize('name', list(RECORDS))
+def test_phi3_chat_with_the_slow_tokenizers_leading_piece_equals_the_published_preprocessing(data_dir, name):
+    tokenizer = build_tiny_llama_tokenizer(phi3=True)
+    prepare_tokenizer(tokenizer, 'phi3-chat')
+    assert items(data_dir, SlowPhi3Start(tokenizer), 'phi3-chat', name) == PHI3_SLOW_PHI3_CHAT[name]
 
 
 def test_phi3_chat_later_rounds_keep_published_ids_and_supervise_every_answer(data_dir):
