@@ -45,6 +45,8 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from backbones.loading import describe_mismatch
+
 from .atomic_io import AtomicLocalBackend
 
 LOCK_NAME = '.train.lock'
@@ -282,28 +284,6 @@ class _RestoreAfter:
         return next(self.inner)
 
 
-def describe_state_dict_difference(checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor],
-                                   limit: int = 5) -> list:
-    """Lines naming the tensors that are missing, unexpected or of another shape in ``checkpoint``."""
-    def few(names):
-        names = sorted(names)
-        return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
-    missing = [k for k in model if k not in checkpoint]
-    unexpected = [k for k in checkpoint if k not in model]
-    # `_extra_state` entries (a module's get_extra_state, e.g. serialized metadata) have no fixed shape
-    shapes = [f'{k}: checkpoint {tuple(checkpoint[k].shape)} vs model {tuple(model[k].shape)}' for k in model
-              if k in checkpoint and not k.endswith('_extra_state') and hasattr(checkpoint[k], 'shape')
-              and hasattr(model[k], 'shape') and checkpoint[k].shape != model[k].shape]
-    lines = []
-    if missing:
-        lines.append(f'missing {len(missing)} tensors of the model: {few(missing)}')
-    if unexpected:
-        lines.append(f'{len(unexpected)} tensors the model does not have: {few(unexpected)}')
-    if shapes:
-        lines.append(f'{len(shapes)} tensors of another shape: ' + '; '.join(shapes[:limit]))
-    return lines
-
-
 def _per_rank(states: Mapping[str, Any]) -> list:
     """Every rank's ``states``, by rank (a collective when distributed: all ranks call it together)."""
     from mmengine.dist import all_gather_object, get_world_size
@@ -311,8 +291,8 @@ def _per_rank(states: Mapping[str, Any]) -> list:
 
 
 def _expected_tensors(model) -> dict:
-    """The names the model's state dict has, each with a tensor of its shape, without gathering FSDP shards: a
-    fully sharded unit's flat parameter records the original names and shapes; buffers are not sharded."""
+    """The names the model's state dict has, with their tensors or shapes, without gathering FSDP shards: a fully
+    sharded unit's flat parameter records the original names and shapes; buffers are not sharded."""
     from mmengine.model import is_model_wrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
     units = [(name, m) for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
@@ -326,7 +306,7 @@ def _expected_tensors(model) -> dict:
     for name, unit in units:
         flat = unit._handle.flat_param if unit._handle is not None else None
         for fqn, shape in zip(getattr(flat, '_fqns', ()), getattr(flat, '_shapes', ())):
-            expected[join(name, fqn)] = torch.empty(shape, device='meta')
+            expected[join(name, fqn)] = torch.Size(shape)
     for name, module in model.named_modules():
         for buffer_name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
@@ -391,7 +371,7 @@ class ExactResumeHook(Hook):
         expected = _expected_tensors(runner.model)
         if not any(k.endswith('_extra_state') for k in expected):  # (FSDP: not listed; not shape-checked anyway)
             saved = {k: v for k, v in saved.items() if not k.endswith('_extra_state')}
-        problems = describe_state_dict_difference(saved, expected)
+        problems = describe_mismatch(saved, expected)
         if problems:
             source = getattr(runner, '_load_from', None) or osp.join(runner.work_dir, 'last_checkpoint')
             raise RuntimeError(f'--resume: the checkpoint ({source}) was written by another model than this '

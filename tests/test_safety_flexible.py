@@ -48,7 +48,7 @@ def test_fsdp_resume_repeats_an_uninterrupted_run_exactly(tmp_path):
 
     for rank in (0, 1):  # refused on both ranks, before training, naming a mis-shaped tensor of the full model
         assert (f'RESUME-REFUSED rank {rank}: --resume: the checkpoint' in log)
-    assert 'tensors of another shape: auxiliary_head.' in log
+    assert 'tensors have another shape: auxiliary_head.' in log
 
 
 DEEPSPEED = '''
