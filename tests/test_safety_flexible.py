@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_segmentation_distributed import ROOT, free_port
 
-from segmentation.testing import QUICKSTART_CONFIG, make_tiny_dataset
+from segmentation.testing import QUICKSTART_CONFIG
 
 FSDP = '''
 runner_type = 'FlexibleRunner'
@@ -22,8 +22,7 @@ model = dict(backbone=dict(grad_checkpointing=True))
 '''
 
 
-def test_fsdp_resume_repeats_an_uninterrupted_run_exactly(tmp_path):
-    data_root = make_tiny_dataset(str(tmp_path / 'synth'), num_train=8, num_val=2, size=112)
+def test_fsdp_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path):  # data_root: tests/conftest.py
     config = tmp_path / 'fsdp.py'
     config.write_text(f'_base_ = [{QUICKSTART_CONFIG!r}]\n{FSDP}')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', PYTHONPATH=ROOT)
@@ -62,7 +61,7 @@ custom_hooks = [dict(type='FinalWeightsHook')]
 '''
 
 
-def test_deepspeed_resume_continues_the_random_streams_of_every_rank(tmp_path):
+def test_deepspeed_resume_continues_the_random_streams_of_every_rank(data_root, tmp_path):
     """ZeRO-3, 2 gloo processes, one launch per run (DeepSpeed keeps process-wide state): the quick-start config with
     its random augmentation, dropout and save_best, resumed from DeepSpeed's own iter_2.pth/ folder. DeepSpeed on the
     CPU does not repeat itself exactly from launch to launch (uninterrupted runs measured 0 and 6e-5 apart), so the
@@ -72,7 +71,6 @@ def test_deepspeed_resume_continues_the_random_streams_of_every_rank(tmp_path):
     from test_deepspeed import dist_train
 
     from segmentation.testing import tiny_run_options
-    data_root = make_tiny_dataset(str(tmp_path / 'synth'), num_train=8, num_val=2, size=112)
     config = tmp_path / 'deepspeed.py'
     config.write_text(f'_base_ = [{QUICKSTART_CONFIG!r}]\n{DEEPSPEED}')
 

@@ -10,14 +10,6 @@ from mm_adapter import compat
 from mm_adapter.schedule_resume import install_config_shaped_resume
 
 
-@pytest.fixture
-def restore_loaders():
-    from mmengine.runner.checkpoint import CheckpointLoader
-    saved = CheckpointLoader._schemes.copy()
-    yield
-    CheckpointLoader._schemes = saved
-
-
 def toy_model():
     from mmengine.model import BaseModel
 
@@ -73,6 +65,7 @@ def run(work_dir, schedule, iters, resume=False):
 
 @pytest.mark.parametrize('name', list(SCHEDULES))
 def test_resumed_to_train_longer_continues_the_uninterrupted_curve(name, tmp_path, restore_loaders, monkeypatch):
+    # restore_loaders: tests/conftest.py
     import mmengine.runner.runner
     monkeypatch.setattr(mmengine.runner.runner, 'collect_env', dict)  # environment report: 1 s a Runner, unused
     schedule = SCHEDULES[name]
