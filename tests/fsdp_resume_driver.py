@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed.fsdp._optim_utils as fsdp_optim_utils  # noqa: E402
 
-from segmentation.testing import as_cli, tiny_run_options, torch_threads  # noqa: E402
+from segmentation.testing import as_cli, tiny_run_options  # noqa: E402
 
 # A torch 2.14 bug that only CPU runs meet: FSDP's full optimizer state dict gathers each state (exp_avg, then
 # exp_avg_sq) into one reused buffer and keeps views of it; on a GPU the offload to the CPU copies them, on the CPU
@@ -54,11 +54,11 @@ def train(work_dir, iters, *extra, **changes):
                  '--cfg-options', *as_cli(opts)])
 
 
-with torch_threads(1):
-    train('straight', 4)
-    train('interrupted', 2)
-    train('interrupted', 4, '--resume')
-    try:
-        train('interrupted', 6, '--resume', **{'model.auxiliary_head.channels': 8})
-    except RuntimeError as err:  # (tools/train.py has ended the process group)
-        print(f'RESUME-REFUSED rank {os.environ["RANK"]}: {err}', flush=True)
+torch.set_num_threads(1)  # tiny models on a small shared CPU: one thread per process
+train('straight', 4)
+train('interrupted', 2)
+train('interrupted', 4, '--resume')
+try:
+    train('interrupted', 6, '--resume', **{'model.auxiliary_head.channels': 8})
+except RuntimeError as err:  # (tools/train.py has ended the process group)
+    print(f'RESUME-REFUSED rank {os.environ["RANK"]}: {err}', flush=True)
