@@ -21,6 +21,7 @@ initialised as before (rank 0's broadcast), so the weights are those of an ordin
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Optional
 
@@ -36,9 +37,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 from torch.distributed.fsdp import BackwardPrefetch, FullyShardedDataParallel, MixedPrecision, ShardingStrategy
+from torch.distributed.fsdp._flat_param import FlatParameter, FlatParamHandle
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from backbones.deferred_load import deferred_loading, materialize
+from backbones.deferred_load import allocate, deferred_loading, fill, pending_value, read_range
 from backbones.dtypes import as_dtype
 from backbones.internvit import Block, InternViT
 
@@ -52,6 +54,51 @@ def block_wrap_policy(block_param_dtype=torch.bfloat16) -> CustomPolicy:
         overrides['mixed_precision'] = MixedPrecision(param_dtype=block_param_dtype, reduce_dtype=torch.float32,
                                                       buffer_dtype=torch.float32, cast_forward_inputs=True)
     return CustomPolicy(lambda module: (overrides or True) if isinstance(module, Block) else False)
+
+
+@contextlib.contextmanager
+def _flat_parameters_without_values():
+    """While FSDP wraps a deferred model: a unit whose tensors are all pending (``backbones.deferred_load.allocate``)
+    gets its flat parameter without values (FSDP1 would concatenate the whole unit into a new tensor, writing all of
+    it, before keeping this rank's shard); ``_write_deferred_shards`` writes the shard afterwards. A unit that mixes
+    pending and ordinary tensors (the root: embeddings with neck and heads) gets its pending values first."""
+    original = FlatParamHandle.flatten_tensors_into_flat_param
+
+    def flatten_tensors_into_flat_param(handle, tensors, aligned_numel, requires_grad):
+        pending = [pending_value(t) is not None for t in tensors]
+        if all(pending):
+            layout = handle.flatten_tensors([torch.empty_like(t, device='meta') for t in tensors], aligned_numel)
+            flat = FlatParameter(torch.empty(layout.shape, dtype=layout.dtype, device=tensors[0].device),
+                                 requires_grad=requires_grad)
+            flat._deferred_tensors = list(tensors)  # in the order of the handle's parameter infos
+            return flat
+        for tensor, is_pending in zip(tensors, pending):
+            if is_pending:
+                fill(tensor)
+        return original(handle, tensors, aligned_numel, requires_grad)
+
+    FlatParamHandle.flatten_tensors_into_flat_param = flatten_tensors_into_flat_param
+    try:
+        yield
+    finally:
+        FlatParamHandle.flatten_tensors_into_flat_param = original
+
+
+@torch.no_grad()
+def _write_deferred_shards(root: FullyShardedDataParallel) -> None:
+    """Write each rank's shard of every flat parameter made without values: for each original parameter, the elements
+    of its flattened value that lie in this rank's shard (padding: zeros)."""
+    for unit in FullyShardedDataParallel.fsdp_modules(root):
+        flat = unit._handle.flat_param if unit._handle is not None else None
+        tensors = getattr(flat, '_deferred_tensors', None)
+        if tensors is None:
+            continue
+        flat.zero_()
+        for tensor, info in zip(tensors, flat._shard_param_infos, strict=True):
+            if info.in_shard:
+                flat[info.offset_in_shard:info.offset_in_shard + info.numel_in_shard].copy_(
+                    read_range(tensor, info.intra_param_start_idx, info.intra_param_end_idx + 1))
+        del flat._deferred_tensors
 
 
 @register_everywhere('MODEL_WRAPPERS')
@@ -78,17 +125,21 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
                              'original parameter names)')
         if not torch.cuda.is_available():
             device_id = torch.device('cpu')
-        if any(p.is_meta for p in module.parameters()):  # built by InternViTFSDPStrategy: fill unit by unit
+        deferred = any(p.is_meta for p in module.parameters())  # built by InternViTFSDPStrategy
+        if deferred:
             device = device_id if isinstance(device_id, torch.device) else torch.device('cuda', device_id or 0)
-            kwargs.setdefault('param_init_fn', partial(materialize, device=device))
+            kwargs.setdefault('param_init_fn', partial(allocate, device=device))
         # MMFullyShardedDataParallel.__init__ only converts config strings and refuses policy objects, so the
         # FSDP constructor is called directly with converted arguments.
-        FullyShardedDataParallel.__init__(
-            self, module=module,
-            sharding_strategy=ShardingStrategy[sharding_strategy],
-            backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
-            auto_wrap_policy=block_wrap_policy(as_dtype(block_param_dtype)),
-            device_id=device_id, use_orig_params=True, **kwargs)
+        with _flat_parameters_without_values() if deferred else contextlib.nullcontext():
+            FullyShardedDataParallel.__init__(
+                self, module=module,
+                sharding_strategy=ShardingStrategy[sharding_strategy],
+                backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
+                auto_wrap_policy=block_wrap_policy(as_dtype(block_param_dtype)),
+                device_id=device_id, use_orig_params=True, **kwargs)
+        if deferred:
+            _write_deferred_shards(self)
         self._checkpoint_inside_units()
 
     def _checkpoint_inside_units(self) -> None:
