@@ -7,10 +7,10 @@ writes only this rank's shard, so no rank ever holds the whole model or the whol
         model = InternViT('internvit_6b_224', pretrained='intern_vit_6b_224px.safetensors')  # meta, checked
     ...
     allocate(module, 'cpu')                      # FSDP's param_init_fn: memory reserved, not written
-    flat[a:b].copy_(read_range(param, i, j))     # this rank's elements of the flattened parameter
+    flat[a:b].copy_(range_reader(param)(i, j))   # this rank's elements of the flattened parameter
 
 Inside ``deferred_loading()`` an InternViT given ``pretrained=`` checks the checkpoint's names and shapes against the
-model (strictly, as an eager load would) without reading any tensor; ``read_range`` then reads only the asked
+model (strictly, as an eager load would) without reading any tensor; ``range_reader`` then reads only the asked
 elements (safetensors: a view of the memory-mapped file, so only those pages are read; ``.pth``: a memory-mapped
 load, the tensor copied out). Without ``pretrained`` the random initialisation an eager build would do is drawn at
 once, in the same order (the random stream goes on as after an eager build, so the heads built next get the same
@@ -205,7 +205,7 @@ def _own_tensors(module: nn.Module) -> Mapping[str, torch.Tensor]:
 def allocate(module: nn.Module, device: torch.device | str) -> None:
     """Allocate ``module``'s own meta tensors (not its children's) on ``device`` without values, each remembering where
     its value comes from (``pending_value``). The memory is not touched, so it costs nothing until written: a sharded
-    start-up writes only this rank's shard (``read_range``). Usable as FSDP's ``param_init_fn``; a module without
+    start-up writes only this rank's shard (``range_reader``). Usable as FSDP's ``param_init_fn``; a module without
     meta tensors is left alone, a meta tensor of a module that is not part of a deferred backbone is an error."""
     meta = [name for name, t in _own_tensors(module).items() if t.is_meta]
     if not meta:
@@ -226,17 +226,22 @@ def pending_value(tensor: torch.Tensor) -> tuple[object, str] | None:
     return getattr(tensor, '_deferred_value', None)
 
 
-def read_range(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements ``[start, stop)`` of the flattened value of a pending ``tensor`` (reading only what they need from
-    a safetensors checkpoint), in the source's dtype: ``copy_`` them into place."""
+def range_reader(tensor: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """For a pending ``tensor`` (in its shape now): ``read(start, stop)`` gives elements ``[start, stop)`` of its
+    flattened value in the source's dtype (from a safetensors checkpoint only the pages they need), to ``copy_``."""
     source, name = pending_value(tensor)
-    return source.read_range(name, tuple(tensor.shape), start, stop)
+    return partial(source.read_range, name, tuple(tensor.shape))
 
 
 @torch.no_grad()
 def fill(tensor: torch.Tensor) -> None:
     """Write the whole value of a pending ``tensor`` into it; it is pending no more."""
-    tensor.view(-1).copy_(read_range(tensor, 0, tensor.numel()))
+    tensor.view(-1).copy_(range_reader(tensor)(0, tensor.numel()))
+    written(tensor)
+
+
+def written(tensor: torch.Tensor) -> None:
+    """``tensor``'s value has been written (whole, or this rank's part of it): it is pending no more."""
     del tensor._deferred_value
 
 

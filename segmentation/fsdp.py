@@ -14,10 +14,12 @@ moves it there: each block becomes ``FSDP(CheckpointWrapper(Block))`` and the ba
 runs on the CPU (gloo), which is what the tests use.
 
 Start-up in bounded host memory: ``strategy = dict(type='InternViTFSDPStrategy', ...)`` builds the model with the
-InternViT backbone on the meta device (``backbones.deferred_load``); FSDP then allocates one unit at a time, fills it
-from the ``pretrained`` checkpoint (only that unit's tensors are read) and shards it before the next, so a rank holds
-its shard plus one block instead of the whole fp32 model and the whole checkpoint. Neck and heads are built and
-initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up.
+InternViT backbone on the meta device (``segmentation.sharded_startup``, ``backbones.deferred_load``). FSDP allocates
+each unit's tensors without writing them (``param_init_fn``), makes the unit's flat parameter without values (FSDP1
+would otherwise concatenate the whole unit, writing it all) and keeps this rank's shard; then each rank writes only
+the elements of its shard, read from the memory-mapped ``pretrained`` checkpoint or from the replayed random
+initialisation. A rank so holds its shards plus one parameter's read, never a whole unit. Neck and heads are built
+and initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up.
 """
 from __future__ import annotations
 
@@ -40,11 +42,12 @@ from torch.distributed.fsdp import BackwardPrefetch, FullyShardedDataParallel, M
 from torch.distributed.fsdp._flat_param import FlatParameter, FlatParamHandle
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from backbones.deferred_load import allocate, deferred_loading, fill, pending_value, read_range
+from backbones.deferred_load import allocate, fill, pending_value, range_reader
 from backbones.dtypes import as_dtype
 from backbones.internvit import Block, InternViT
 
 from ._registry import register_everywhere
+from .sharded_startup import DeferredBackboneStrategy
 
 
 def block_wrap_policy(block_param_dtype=torch.bfloat16) -> CustomPolicy:
@@ -70,7 +73,7 @@ def _flat_parameters_without_values():
             layout = handle.flatten_tensors([torch.empty_like(t, device='meta') for t in tensors], aligned_numel)
             flat = FlatParameter(torch.empty(layout.shape, dtype=layout.dtype, device=tensors[0].device),
                                  requires_grad=requires_grad)
-            flat._deferred_tensors = list(tensors)  # in the order of the handle's parameter infos
+            flat._deferred_readers = [range_reader(t) for t in tensors]  # in the order of its parameter infos
             return flat
         for tensor, is_pending in zip(tensors, pending):
             if is_pending:
@@ -90,15 +93,15 @@ def _write_deferred_shards(root: FullyShardedDataParallel) -> None:
     of its flattened value that lie in this rank's shard (padding: zeros)."""
     for unit in FullyShardedDataParallel.fsdp_modules(root):
         flat = unit._handle.flat_param if unit._handle is not None else None
-        tensors = getattr(flat, '_deferred_tensors', None)
-        if tensors is None:
+        readers = getattr(flat, '_deferred_readers', None)
+        if readers is None:
             continue
         flat.zero_()
-        for tensor, info in zip(tensors, flat._shard_param_infos, strict=True):
+        for read, info in zip(readers, flat._shard_param_infos, strict=True):
             if info.in_shard:
                 flat[info.offset_in_shard:info.offset_in_shard + info.numel_in_shard].copy_(
-                    read_range(tensor, info.intra_param_start_idx, info.intra_param_end_idx + 1))
-        del flat._deferred_tensors
+                    read(info.intra_param_start_idx, info.intra_param_end_idx + 1))
+        del flat._deferred_readers
 
 
 @register_everywhere('MODEL_WRAPPERS')
@@ -155,35 +158,7 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
 
 
 @STRATEGIES.register_module(force=True)
-class InternViTFSDPStrategy(FSDPStrategy):
-    """``FSDPStrategy`` whose InternViT backbones (with ``pretrained``) start on the meta device and are loaded unit
-    by unit while ``InternViTBlockFSDP`` shards them (see the module docstring). Same arguments as
-    ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP`` (or pass ``param_init_fn`` yourself)."""
-
-    def build_model(self, model):
-        with deferred_loading():
-            model = super().build_model(model)
-        deferred = sum(p.numel() for p in model.parameters() if p.is_meta)
-        if deferred:
-            print_log(f'InternViTFSDPStrategy: {deferred:,} backbone parameters on the meta device, loaded per '
-                      f'shard unit while wrapping', logger='current')
-        return model
-
-    def _init_model_weights(self, model: nn.Module) -> nn.Module:
-        # MMEngine's version reads every parameter (init_weights records their means) and broadcasts them from rank
-        # 0; the deferred backbones have no values yet (each rank reads them from the same file while wrapping), so
-        # they are set aside meanwhile. InternViT's own init_weights does nothing (weights are set at construction).
-        deferred = [name for name, m in model.named_modules()
-                    if isinstance(m, InternViT) and any(p.is_meta for p in m.parameters())]
-        if '' in deferred:
-            return model  # the model is the backbone itself: nothing else to initialise
-        parents = [model.get_submodule(name.rpartition('.')[0]) for name in deferred]
-        children = [name.rpartition('.')[2] for name in deferred]
-        backbones = [parent._modules[child] for parent, child in zip(parents, children)]
-        for parent, child in zip(parents, children):
-            parent._modules[child] = nn.Module()
-        try:
-            return super()._init_model_weights(model)
-        finally:
-            for parent, child, backbone in zip(parents, children, backbones):
-                parent._modules[child] = backbone
+class InternViTFSDPStrategy(DeferredBackboneStrategy, FSDPStrategy):
+    """``FSDPStrategy`` whose InternViT backbones start on the meta device, each rank writing only its shards while
+    ``InternViTBlockFSDP`` wraps them (see the module docstring and ``segmentation.sharded_startup``). Same arguments
+    as ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP``."""
