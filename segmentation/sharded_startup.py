@@ -47,6 +47,8 @@ class DeferredBackboneStrategy:
                     if isinstance(m, InternViT) and any(p.is_meta for p in m.parameters())]
         if '' in deferred:
             return model  # the model is the backbone itself: nothing else to initialise
+        for name in deferred:
+            _refuse_init_cfg_over(model, name)
         parents = [model.get_submodule(name.rpartition('.')[0]) for name in deferred]
         children = [name.rpartition('.')[2] for name in deferred]
         backbones = [parent._modules[child] for parent, child in zip(parents, children)]
@@ -57,6 +59,21 @@ class DeferredBackboneStrategy:
         finally:
             for parent, child, backbone in zip(parents, children, backbones):
                 parent._modules[child] = backbone
+
+
+def _refuse_init_cfg_over(model: nn.Module, backbone: str) -> None:
+    """A ``Pretrained`` ``init_cfg`` of a module above the backbone would load the backbone's tensors too; with the
+    backbone set aside (meta device) they would be skipped without a word, so it is refused."""
+    parts = backbone.split('.')
+    for depth in range(len(parts)):
+        name = '.'.join(parts[:depth])
+        init_cfg = getattr(model.get_submodule(name), 'init_cfg', None)
+        cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+        if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in cfgs):
+            raise ValueError(f'{name or "the model"} has init_cfg={init_cfg}, which would load the backbone '
+                             f'({backbone}) too; the sharded start-up builds the backbone on the meta device and '
+                             f'does not run it. Give the backbone its weights with {backbone}.pretrained=PATH (and '
+                             f'the rest with load_from), or use MMEngine\'s FSDPStrategy / DeepSpeedStrategy')
 
 
 @STRATEGIES.register_module(force=True)
