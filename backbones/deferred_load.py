@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import weakref
 from functools import partial
 from pathlib import Path
@@ -153,18 +154,37 @@ class RandomInitReplay:
             shape, dtype = shapes[name]
             self._record(name, partial(_run_step, step, shape, dtype))
             _run_step(step, shape, dtype)
+        _release_free_heap()
 
     def _record(self, name: str, produce: Callable[[], torch.Tensor]) -> None:
+        _release_free_heap()  # what the previous step left
         self._last[name] = (torch.get_rng_state(), produce)
 
     def value(self, name: str) -> torch.Tensor:
         state, produce = self._last[name]
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(state)
-            return produce()
+            value = produce()
+        _release_free_heap()
+        return value
 
     def read_range(self, name: str, shape: tuple, start: int, stop: int) -> torch.Tensor:
         return self.value(name).reshape(-1)[start:stop]
+
+
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the system (glibc; elsewhere nothing). ``trunc_normal_`` leaves freed
+    temporaries in the heap, where the large allocations that follow (mmapped shards) cannot reuse them; a per-rank
+    memory bound must not grow with them."""
+    if _LIBC[0] is None:
+        try:
+            _LIBC[0] = ctypes.CDLL('libc.so.6').malloc_trim
+        except (OSError, AttributeError):
+            _LIBC[0] = lambda pad: 0
+    _LIBC[0](0)
+
+
+_LIBC: list = [None]
 
 
 @torch.no_grad()
