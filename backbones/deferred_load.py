@@ -36,13 +36,14 @@ from .pos_embed import resample_pos_embed
 from .reading import _safetensors_keys, _unwrap, read_tensors, safe_torch_load, weight_files
 
 _DEPTH = [0]  # nesting depth of deferred_loading()
-# Every module of a deferred backbone -> (its checkpoint reader, its name inside the backbone).
-_OWNERS: 'weakref.WeakKeyDictionary[nn.Module, tuple[CheckpointReader, str]]' = weakref.WeakKeyDictionary()
+# Every module of a deferred backbone -> (where its values come from: a CheckpointReader or a RandomInitReplay,
+# its name inside the backbone).
+_OWNERS: 'weakref.WeakKeyDictionary[nn.Module, tuple[object, str]]' = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
 def deferred_loading() -> Iterator[None]:
-    """InternViTs built with ``pretrained=`` in this context stay on the meta device; see the module docstring."""
+    """InternViTs built in this context stay on the meta device; see the module docstring."""
     _DEPTH[0] += 1
     try:
         yield
@@ -226,7 +227,8 @@ def allocate(module: nn.Module, device: torch.device | str) -> None:
     """Allocate ``module``'s own meta tensors (not its children's) on ``device`` without values, each remembering where
     its value comes from (``pending_value``). The memory is not touched, so it costs nothing until written: a sharded
     start-up writes only this rank's shard (``range_reader``). Usable as FSDP's ``param_init_fn``; a module without
-    meta tensors is left alone, a meta tensor of a module that is not part of a deferred backbone is an error."""
+    meta tensors is left alone, a meta tensor of a module that is not part of a deferred backbone is an error.
+    (Untouched means no host memory on the CPU; on a GPU the allocation counts, one unit at a time.)"""
     meta = [name for name, t in _own_tensors(module).items() if t.is_meta]
     if not meta:
         return
