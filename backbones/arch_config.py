@@ -127,11 +127,17 @@ def arch_for_weights(weights: Weights, num_heads: int | None = None) -> InternVi
         raise WeightsError(f'{weights.source}: {err}') from None
 
 
-def hf_config_from_arch(arch: InternViTArch, image_size: int | None = None) -> dict:
-    """config.json of a published-style HF ``InternVisionModel`` (``InternVisionConfig`` fields)."""
+def _image_size(arch: InternViTArch, image_size: int | None) -> int:
+    """``image_size`` (default: the architecture's), which must be a multiple of the patch size."""
     image_size = int(image_size or arch.img_size)
     if image_size % arch.patch_size:
         raise ValueError(f'image_size {image_size} is not a multiple of patch_size {arch.patch_size}')
+    return image_size
+
+
+def hf_config_from_arch(arch: InternViTArch, image_size: int | None = None) -> dict:
+    """config.json of a published-style HF ``InternVisionModel`` (``InternVisionConfig`` fields)."""
+    image_size = _image_size(arch, image_size)
     return {
         'architectures': ['InternVisionModel'],
         'model_type': 'intern_vit_6b',
@@ -159,9 +165,7 @@ def hf_config_from_arch(arch: InternViTArch, image_size: int | None = None) -> d
 
 def native_config_from_arch(arch: InternViTArch, image_size: int | None = None) -> dict:
     """config.json of transformers' ``InternVLVisionModel`` for the same network (no final norm: mean pooling)."""
-    image_size = int(image_size or arch.img_size)
-    if image_size % arch.patch_size:
-        raise ValueError(f'image_size {image_size} is not a multiple of patch_size {arch.patch_size}')
+    image_size = _image_size(arch, image_size)
     return {
         'architectures': ['InternVLVisionModel'],
         'model_type': 'internvl_vision',

@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .dtypes import as_dtype
-from .layouts import _LAYER_RE, POS_KEY, WeightsError, _few, _layer_indices, as_canonical
+from .layouts import _LAYER_RE, POS_KEY, WeightsError, _few, _layer_indices, _natural_key, as_canonical
 from .pos_embed import resample_pos_embed
 from .reading import is_file_view, release_pages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['load_into_model', 'build_and_load']
+__all__ = ['load_into_model', 'build_and_load', 'StateDictMismatch', 'compare_state_dicts', 'describe_mismatch']
 
 
 def _resample_to_grid(sd: dict[str, torch.Tensor], grid: int, source: str, dtype: torch.dtype | None = None):
@@ -31,6 +32,65 @@ def _resample_to_grid(sd: dict[str, torch.Tensor], grid: int, source: str, dtype
     old = math.isqrt(pos.shape[1] - 1)
     logger.info(f'{source}: position embedding resampled from a {old}x{old} to a {grid}x{grid} grid (bicubic)')
     sd[POS_KEY] = resampled.to(dtype or pos.dtype)
+
+
+def _shape(value: Any) -> tuple | None:
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    shape = getattr(value, 'shape', None)
+    return None if shape is None else tuple(shape)
+
+
+@dataclass(frozen=True)
+class StateDictMismatch:
+    """How a state dict differs from the one a model expects (see ``compare_state_dicts``)."""
+
+    missing: list[str] = field(default_factory=list)       # the model's names the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)    # the checkpoint's names the model lacks
+    misshaped: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # name -> (checkpoint's, model's)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+    def describe(self, shown: int = 5, rename: Callable[[str], str] | None = None, found_as: str = 'checkpoint',
+                 expected_as: str = 'model') -> list[str]:
+        """One phrase per kind of problem, naming ``shown`` tensors (in the file's names, via ``rename``) and
+        counting the rest; ``found_as`` / ``expected_as`` name the two sides."""
+        rename = rename or (lambda name: name)
+        lines = []
+        if self.missing:
+            lines.append(f'{len(self.missing)} tensors of the {expected_as} are missing from the {found_as}: '
+                         f'{_few(map(rename, self.missing), shown)}')
+        if self.unexpected:
+            lines.append(f'{len(self.unexpected)} tensors of the {found_as} are not in the {expected_as}: '
+                         f'{_few(map(rename, self.unexpected), shown)}')
+        if self.misshaped:
+            names = sorted(self.misshaped, key=_natural_key)
+            listed = '; '.join(f'{rename(k)}: {found_as} {self.misshaped[k][0]} vs {expected_as} {self.misshaped[k][1]}'
+                               for k in names[:shown])
+            more = f' and {len(names) - shown} more' if len(names) > shown else ''
+            lines.append(f'{len(names)} tensors have another shape: {listed}{more}')
+        return lines
+
+
+def compare_state_dicts(found: Mapping[str, Any], expected: Mapping[str, Any]) -> StateDictMismatch:
+    """Names and shapes of ``found`` (a checkpoint's state dict) against ``expected`` (a model's state dict, or
+    names -> ``torch.Size``); dtypes do not matter. Entries without a shape, and a module's ``_extra_state``
+    (serialised metadata of any length), are compared by name only."""
+    misshaped = {}
+    for name, value in found.items():
+        if name not in expected or name.endswith('_extra_state'):
+            continue
+        have, want = _shape(value), _shape(expected[name])
+        if have is not None and want is not None and have != want:
+            misshaped[name] = (have, want)
+    return StateDictMismatch(missing=[k for k in expected if k not in found],
+                             unexpected=[k for k in found if k not in expected], misshaped=misshaped)
+
+
+def describe_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any], **describe_options) -> list[str]:
+    """The phrases of ``compare_state_dicts(found, expected).describe(...)``: empty when everything fits."""
+    return compare_state_dicts(found, expected).describe(**describe_options)
 
 
 def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], depth: int, source: str,
@@ -49,22 +109,11 @@ def _check(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], dept
     if not loadable:
         raise WeightsError(f'{source} loads nothing into the model: none of its {len(sd)} tensors is an InternViT '
                            f'parameter (e.g. {_few(sd, 3)})')
-    mismatched = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}'
-                  for k in loadable if tuple(sd[k].shape) != tuple(expected[k])]
-    if mismatched:
-        raise WeightsError(f'{source}: shape mismatch in {len(mismatched)} tensors: ' + '; '.join(mismatched[:5])
-                           + (f'; and {len(mismatched) - 5} more' if len(mismatched) > 5 else ''))
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f'missing {len(missing)} tensors: {_few(missing)}')
-    if unexpected:
-        problems.append(f'unexpected {len(unexpected)} tensors: {_few(unexpected)}')
-    if problems:
-        if strict:
-            raise WeightsError(f'{source}: ' + '; '.join(problems))
-        logger.warning(f'{source} (strict=False): ' + '; '.join(problems))
+    mismatch = compare_state_dicts(sd, expected)
+    if mismatch.misshaped or (strict and mismatch):  # another shape is an error even with strict=False
+        raise WeightsError(f'{source}: ' + '; '.join(mismatch.describe()))
+    if mismatch:
+        logger.warning(f'{source} (strict=False): ' + '; '.join(mismatch.describe()))
     return {k: sd[k] for k in loadable}
 
 

@@ -84,14 +84,15 @@ def _reason(err: Exception, signs: Iterable[str] = ()) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def safe_torch_load(path: str | os.PathLike, any_object: bool = False) -> Any:
+def safe_torch_load(path: str | os.PathLike, stand_ins: Iterable[str] = ()) -> Any:
     """``torch.load(weights_only=True)`` on CPU, with errors that name the file.
 
     MMEngine training checkpoints also pickle their message hub and numpy scalars; those objects are replaced by
     inert stand-ins (nothing of theirs runs), so the tensors and plain metadata of any run's checkpoint can be
-    read safely. Any other non-tensor global stays refused (``WeightsError``), unless ``any_object``: then every
-    global gets a stand-in (for files whose tensors are wanted beside foreign objects, e.g. the published probe
-    head's yacs config); a dict subclass becomes a plain ``OrderedDict`` of its (equally inert) contents.
+    read safely. Any other non-tensor global stays refused (``WeightsError``), unless ``stand_ins`` names it
+    (``module.QualName``, for files whose tensors are wanted beside foreign objects, e.g. the published probe
+    head's yacs config): then it gets a stand-in too, and a dict subclass becomes a plain ``OrderedDict`` of its
+    (equally inert) contents.
     """
     path = Path(path)
     is_zip = zipfile.is_zipfile(path)
@@ -104,7 +105,7 @@ def safe_torch_load(path: str | os.PathLike, any_object: bool = False) -> Any:
                 raise
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
             refused = [n for n in names if not _can_stand_in(n)]
-            if refused and not any_object:
+            if any(n not in stand_ins for n in refused):
                 raise
             try:
                 with torch.serialization.safe_globals([(_Opaque, n) for n in names]):

@@ -18,14 +18,13 @@ from .internvit import InternViT
 from .layouts import (
     WeightsError,
     _canonical_names,
-    _few,
     _layer_indices,
     _natural_key,
     _plan,
     as_canonical,
     from_canonical,
 )
-from .loading import _check, _resample_to_grid
+from .loading import _check, _resample_to_grid, compare_state_dicts
 from .presets import InternViTArch
 from .reading import _checkpoint_error, _read_config, _safetensors_error, _tensor_specs, safe_torch_load, weight_files
 
@@ -186,25 +185,14 @@ def write_into_chat(state_dict: Mapping[str, torch.Tensor], chat_dir: str | os.P
     _resample_to_grid(sd, grid, source)
     new = from_canonical(sd, layout, prefix)
     specs = _tensor_specs(files, selected)
-    missing = [k for k in specs if k not in new]
-    extra = [k for k in new if k not in specs]
-    if missing or extra:
+    mismatch = compare_state_dicts(new, {k: torch.Size(shape) for k, (shape, _) in specs.items()})
+    if mismatch:
         problems = []
         chat_layers = len(_layer_indices(_canonical_names(specs, layout, prefix)))
         if chat_layers != len(_layer_indices(sd)):
             problems.append(f'the chat vision model has {chat_layers} layers, the source {len(_layer_indices(sd))}')
-        if missing:
-            problems.append(f'the chat checkpoint has {len(missing)} vision tensors the source lacks: '
-                            f'{_few(missing)}')
-        if extra:
-            problems.append(f'the source has {len(extra)} tensors the chat vision model lacks: {_few(extra)}')
+        problems += mismatch.describe(found_as='source', expected_as='chat vision model')
         raise WeightsError(f'{source} does not fit {chat}: ' + '; '.join(problems))
-    mismatched = [f'{k}: source {tuple(new[k].shape)} vs chat {specs[k][0]}' for k in specs
-                  if tuple(new[k].shape) != specs[k][0]]
-    if mismatched:
-        raise WeightsError(f'{source} does not fit {chat}: shape mismatch in {len(mismatched)} tensors: '
-                           + '; '.join(mismatched[:5]) + (f'; and {len(mismatched) - 5} more'
-                                                         if len(mismatched) > 5 else ''))
     touched = {files[k] for k in specs}
     with atomic_dir(out, overwrite, [source] if Path(source).exists() else []) as tmp:
         for item in _walk_files(chat):

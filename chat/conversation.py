@@ -57,6 +57,10 @@ class ConversationTemplate:
         strip_messages: SFT strips every message first (the published ``preprocess_internlm``).
         per_message_tokens: SFT tokenizes each message on its own and concatenates the ids (the published
             ``preprocess_internvl2_5``); otherwise the whole rendered conversation is tokenized once.
+        turns_as_given: SFT (published record rules) takes a record's turns as they come, a leading ``system`` turn
+            as the system message (the published ``preprocess_internvl2_5``); otherwise, as the other published
+            ``preprocess*`` functions, a leading answer is dropped, turns must alternate and a ``system`` turn
+            makes the record bad.
         special_tokens: tokens the tokenizer must hold as single special tokens for this template.
     """
 
@@ -69,6 +73,7 @@ class ConversationTemplate:
     question_sep: str = ''
     strip_messages: bool = False
     per_message_tokens: bool = False
+    turns_as_given: bool = False
     special_tokens: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -103,7 +108,7 @@ TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (
     ConversationTemplate('internvl2_5', system_template='<|im_start|>system\n{system_message}',
                          system_message=INTERNVL2_5_SYSTEM_MESSAGE,
                          roles=('<|im_start|>user\n', '<|im_start|>assistant\n'), sep='<|im_end|>\n',
-                         per_message_tokens=True, special_tokens=_CHATML_TOKENS),
+                         per_message_tokens=True, turns_as_given=True, special_tokens=_CHATML_TOKENS),
     ConversationTemplate('plain', system_template='', system_message='', roles=('', ''), sep='\n'),
 )}
 
@@ -152,9 +157,9 @@ class Conversation:
             if text:
                 block.text += text
                 if role == ASSISTANT:
-                    # the answer and its closing separator; internvl2_5's newline after <|im_end|> is not supervised
-                    sep = t.sep.rstrip('\n') if t.per_message_tokens else t.sep
-                    block.targets.append((len(t.roles[role]), len(block.text) + len(sep)))
+                    # the answer and its closing separator (per-message templates: chat.data._encode_per_message
+                    # ends the labels as the published preprocess_internvl2_5 does, before the message's last token)
+                    block.targets.append((len(t.roles[role]), len(block.text) + len(t.sep)))
                 block.text += t.sep
             blocks.append(block)
         return blocks if t.per_message_tokens else [_join(blocks)]

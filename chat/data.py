@@ -13,13 +13,15 @@ form, ``--data FILE.jsonl [--image_root DIR]`` (default root: the file's folder)
 
 Tokenization (``encode_conversation``): the whole rendered conversation is tokenized once and the labels are set
 by position, giving the ``input_ids`` and labels of the published ``preprocess_*`` functions (see
-``chat.conversation`` for what is supervised; the one deliberate difference, tokenizers that add a BOS token, is
-described there and in README).
+``chat.conversation`` for what is supervised; the deliberate difference, records whose published position
+arithmetic miscounts and which the published code therefore masks whole, is described in README).
 
-``record_rules='published'`` (default) reads records as the published code does: a leading ``system`` turn is the
-system message, a leading answer is dropped, a single image without ``<image>`` goes in front of the first turn,
-``"image": ""`` is a text-only record. ``'strict'``: the project's stricter rules (roles must alternate from the
-first turn, the record must end with an answer, no reserved tokens in the text, one ``<image>`` per image).
+``record_rules='published'`` (default) reads records as the published code does: a leading answer is dropped, a
+single image without ``<image>`` goes in front of the first turn, ``"image": ""`` is a text-only record; a leading
+``system`` turn is the system message with ``internvl2_5`` (which also takes turns in any order, as its published
+function) and makes the record bad with every other template (the published code fails on it). ``'strict'``:
+the project's stricter rules (roles must alternate from the first turn, a leading ``system`` turn is the system
+message, the record must end with an answer, no reserved tokens in the text, one ``<image>`` per image).
 
 Maximum length: ``truncation='tokens'`` (default, published) cuts the token sequence at ``max_length``; a record
 whose cut falls inside or before an image is bad. ``'turns'`` keeps as many whole leading rounds as fit (a record
@@ -28,14 +30,16 @@ whose first round alone is too long is bad); ``'none'``: every over-long record 
 Bad records -- invalid JSON, a wrong structure, a missing or unreadable image, too few ``<image>`` placeholders,
 an image cut off -- are found when the dataset is built (a scan that reads image headers, not pixels) and
 reported with the file, the record's index (0-based; JSONL also gives the line) and the reason. An image that
-fails to decode during training is a bad record too. ``on_bad_record='skip'`` leaves them out and logs a summary
-(and writes ``report_file`` if given); ``'error'`` stops at the first one.
+fails to decode during training is a bad record too (replaced by a record drawn at random, seeded, as
+published). ``on_bad_record='skip'`` leaves them out and logs a summary (and writes ``report_file`` if given);
+``'error'`` stops at the first one.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +63,7 @@ RESERVED = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
 ON_BAD_RECORD = ('skip', 'error')
 TRUNCATION = ('tokens', 'turns', 'none')
 RECORD_RULES = ('published', 'strict')
+MAX_REPLACEMENTS = 10  # published: a bad record is replaced by up to 10 random draws, then the item fails
 
 
 @dataclass(frozen=True)
@@ -210,26 +215,42 @@ def _leading_special_tokens(tokenizer) -> int:
 def encode_conversation(tokenizer, conv) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a rendered conversation, as the published ``preprocess_*`` functions make them.
 
-    The whole rendered text is tokenized once with the tokenizer's default special tokens (templates with
-    ``per_message_tokens``: each message on its own, without them, ids concatenated). Labels keep the tokens
+    The whole rendered text is tokenized once with the tokenizer's default special tokens. Labels keep the tokens
     between the token counts of the rendered prefixes that end where each supervised span starts and ends;
     everything else is -100. This equals the published functions' position arithmetic wherever that arithmetic is
-    consistent; where it is not (a tokenizer that adds a BOS token with ``Hermes-2``: the published function counts
-    the BOS once per turn, reports "tokenization mismatch" and masks the whole record) the answers are supervised
-    as intended and ``input_ids`` are still the published ones.
+    consistent; where it is not (the published function reports "tokenization mismatch" and masks the whole
+    record, see README) the answers are supervised as intended and ``input_ids`` are still the published ones.
+    Templates with ``per_message_tokens``: ``_encode_per_message``.
     """
-    blocks = conv.blocks()
-    whole = not conv.template.per_message_tokens
-    lead = _leading_special_tokens(tokenizer) if whole else 0
+    if conv.template.per_message_tokens:
+        return _encode_per_message(tokenizer, conv.blocks())
+    (block,) = conv.blocks()
+    lead = _leading_special_tokens(tokenizer)
+    input_ids = tokenizer(block.text)['input_ids']
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in block.targets:
+        a = lead + len(tokenizer(block.text[:start], add_special_tokens=False)['input_ids'])
+        b = lead + len(tokenizer(block.text[:end], add_special_tokens=False)['input_ids'])
+        labels[a:b] = input_ids[a:b]
+    return input_ids, labels
+
+
+def _encode_per_message(tokenizer, blocks) -> tuple[list[int], list[int]]:
+    """The published ``preprocess_internvl2_5``: each message tokenized on its own with the default special tokens
+    and the ids concatenated; a tokenizer with ``add_bos_token`` gets its BOS once, in front of the first message.
+    An answer supervises its tokens after those of the role marker (tokenized alone) except the message's last
+    token (the newline after ``<|im_end|>``; with a SentencePiece tokenizer the ``▁`` before it is supervised)."""
+    bos = bool(getattr(tokenizer, 'add_bos_token', False))
     input_ids: list[int] = []
     labels: list[int] = []
-    for block in blocks:
-        ids = tokenizer(block.text, add_special_tokens=whole)['input_ids']
+    for k, block in enumerate(blocks):
+        # published: BOS text in front of the first message, then the first id of every message dropped
+        text = tokenizer.bos_token + block.text if bos and k == 0 else block.text
+        ids = tokenizer(text)['input_ids'][int(bos):]
         block_labels = [IGNORE_INDEX] * len(ids)
-        for start, end in block.targets:
-            a = lead + len(tokenizer(block.text[:start], add_special_tokens=False)['input_ids'])
-            b = lead + len(tokenizer(block.text[:end], add_special_tokens=False)['input_ids'])
-            block_labels[a:b] = ids[a:b]
+        for start, _ in block.targets:
+            a = len(tokenizer(block.text[:start])['input_ids']) - int(bos)
+            block_labels[a:len(ids) - 1] = ids[a:len(ids) - 1]
         input_ids += ids
         labels += block_labels
     return input_ids, labels
@@ -248,13 +269,14 @@ class SFTDataset(torch.utils.data.Dataset):
             with several images in a record each gets ``max(1, max_tiles // n_images)`` tiles at most.
         max_length, truncation, record_rules: see the module docstring.
         on_bad_record: 'skip' or 'error'. report_file: a JSONL file listing the bad records.
+        seed: draws the replacement of a record found unreadable during training (``__getitem__``).
     """
 
     def __init__(self, data_files, tokenizer, *, num_image_token: int, image_root: str | os.PathLike | None = None,
                  template: str = 'Hermes-2', system_message: str | None = None, tile_size: int = 448,
                  dynamic: bool = False, min_tiles: int = 1, max_tiles: int = 6, use_thumbnail: bool = False,
                  max_length: int = 2048, truncation: str = 'tokens', record_rules: str = 'published',
-                 on_bad_record: str = 'skip', report_file: str | os.PathLike | None = None):
+                 on_bad_record: str = 'skip', report_file: str | os.PathLike | None = None, seed: int = 0):
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f'on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}')
         if truncation not in TRUNCATION:
@@ -276,6 +298,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.min_tiles, self.max_tiles = min_tiles, max_tiles
         self.max_length, self.truncation, self.on_bad_record = max_length, truncation, on_bad_record
         self.record_rules = record_rules
+        self.seed = seed
         self.report_file = None if report_file is None else Path(report_file)
         self._check_tokenizer()
         self._img_end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
@@ -376,9 +399,8 @@ class SFTDataset(torch.utils.data.Dataset):
                    f'{len(self._encode_full(first)[0])} > max_length {self.max_length}')
 
     def _published_turns(self, record: dict, images: list[Path]) -> tuple[str | None, list[tuple[int, str]]]:
-        """The published reading of ``conversations``: a leading ``system`` turn is the system message, a leading
-        answer is dropped, then turns must alternate; a single image without ``<image>`` goes in front of the
-        first turn."""
+        """The published reading of ``conversations``: a single image without ``<image>`` goes in front of the
+        first turn; then, as the template's published preprocessing (``turns_as_given``) reads the turns."""
         conversations = record.get('conversations')
         if not isinstance(conversations, list) or not conversations:
             raise _Bad("no 'conversations' list")
@@ -390,16 +412,22 @@ class SFTDataset(torch.utils.data.Dataset):
             values[0] = IMAGE_PLACEHOLDER + '\n' + values[0]
         system = None
         roles = [str(turn['from']).lower() for turn in conversations]
+        first = len(roles)  # turn numbers in messages count from the record's first turn
         if roles[0] == 'system':
+            if not self.template.turns_as_given:
+                raise _Bad(f"a 'system' turn: the published preprocessing of template {self.template.name!r} "
+                           "reads human/gpt turns only (a leading system turn is read by internvl2_5; "
+                           "record_rules='strict' takes it as the system message)")
             system, roles, values = values[0], roles[1:], values[1:]
-        if roles and ROLES.get(roles[0]) == ASSISTANT:
+        elif not self.template.turns_as_given and ROLES.get(roles[0]) == ASSISTANT:
             roles, values = roles[1:], values[1:]
+        first -= len(roles)
         turns = []
         for i, (role, value) in enumerate(zip(roles, values)):
             if role not in ROLES:
-                raise _Bad(f'turn {i} has role {role!r}; expected human/user, gpt/assistant')
-            if ROLES[role] != i % 2:
-                raise _Bad(f"turn {i} is from {role!r}: turns must alternate, starting with the user")
+                raise _Bad(f'turn {first + i} has role {role!r}; expected human/user, gpt/assistant')
+            if not self.template.turns_as_given and ROLES[role] != i % 2:
+                raise _Bad(f"turn {first + i} is from {role!r}: turns must alternate, starting with the user")
             turns.append((ROLES[role], value))
         if not turns:
             raise _Bad('no question')
@@ -503,9 +531,13 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """An example; one whose image cannot be decoded now (truncated, corrupt, changed since the scan) is a
-        bad record: reported and replaced by the next usable one (``on_bad_record='error'``: raised)."""
-        for attempt in range(len(self.examples)):
-            ex = self.examples[(i + attempt) % len(self.examples)]
+        bad record: reported and, as published, replaced by a record drawn at random -- here from a generator
+        seeded by ``seed`` and ``i``, so that a run replays the same replacements in any worker. After
+        ``MAX_REPLACEMENTS`` unusable draws (the published limit) the item fails. ``on_bad_record='error'``:
+        raised."""
+        index = i
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            ex = self.examples[index]
             try:
                 tiles = self._pixels(ex)
             except OSError as err:
@@ -513,9 +545,11 @@ class SFTDataset(torch.utils.data.Dataset):
                 if self.on_bad_record == 'error':
                     raise BadRecordError(bad) from None
                 self._add_bad_record_during_training(bad)
+                index = random.Random(f'{self.seed}:{i}:{attempt}').randrange(len(self.examples))
                 continue
             return self._item(ex, tiles)
-        raise RuntimeError('every SFT record has an unreadable image')
+        raise RuntimeError(f'SFT item {i}: it and {MAX_REPLACEMENTS} records drawn in its place have unreadable '
+                           f'images (last: {bad})')
 
     def _item(self, ex: Example, tiles: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids, labels = self.encode(ex)
@@ -531,7 +565,9 @@ class SFTDataset(torch.utils.data.Dataset):
                 'pixel_values': pixel_values, 'image_flags': image_flags}
 
     def _add_bad_record_during_training(self, bad: BadRecord) -> None:
-        logger.warning(f'bad record (skipped): {bad}')
+        if any((b.source, b.index) == (bad.source, bad.index) for b in self.bad_records):
+            return  # met again (drawn as a replacement): reported once
+        logger.warning(f'bad record (a random record takes its place): {bad}')
         self.bad_records.append(bad)
         if self.report_file is not None:  # appended: the scan wrote the file; a worker process adds its finds
             with self.report_file.open('a', encoding='utf-8') as f:

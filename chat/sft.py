@@ -224,7 +224,7 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training_args)
     dataset = SFTDataset.for_model(
         model, tokenizer, sources, image_root=data_args.image_root, max_length=data_args.max_seq_length,
         truncation=data_args.truncation, record_rules=data_args.record_rules, on_bad_record=data_args.on_bad_record,
-        system_message=data_args.system_message, report_file=out / 'bad_records.jsonl')
+        system_message=data_args.system_message, report_file=out / 'bad_records.jsonl', seed=training_args.seed)
     trainer = _trainer_class()(model=model, args=training_args, train_dataset=dataset,
                                data_collator=SFTCollator(tokenizer), processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=resume)

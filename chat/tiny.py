@@ -103,3 +103,39 @@ def build_tiny_sp_tokenizer(add_bos: bool = False, vocab_size: int = 160):
                                                            special_tokens=[('<s>', 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>', eos_token='</s>',
                                    pad_token='</s>')
+
+
+PHI3_TOKENS = ('<|endoftext|>', '<|assistant|>', '<|system|>', '<|end|>', '<|user|>')
+
+
+def build_tiny_llama_tokenizer(legacy: bool = True, phi3: bool = False, vocab_size: int = 160):
+    """A tokenizer that behaves like the LLaMA SentencePiece tokenizers: transformers' own ``LlamaTokenizer``
+    (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 byte-fallback pieces, then a tiny BPE vocabulary), ``<s>`` added
+    in front, ``▁`` prepended to the text and, with ``legacy`` (LLaMA-2 / V1-1), again after every special token.
+
+    ``phi3``: as Phi-3-mini's tokenizer (Mini-InternVL-Chat-4B-V1-5): ``legacy=False``, ``<s>`` added (the
+    published ``preprocess_phi3`` counts one leading BOS) and the added tokens ``<|endoftext|>`` (EOS and pad),
+    ``<|assistant|>``, ``<|system|>``, ``<|end|>``, ``<|user|>``, each swallowing the whitespace after it
+    (``rstrip``, as Phi-3's tokenizer config declares them).
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    specials = ['<unk>', '<s>', '</s>']
+    tok = Tokenizer(models.BPE(unk_token='<unk>'))
+    # trained on words, so that no piece spans a word boundary (SentencePiece's split_by_whitespace)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='always', split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=list('\nabcdefghijklmnopqrstuvwxyz?.,:!<>/|'))
+    tok.train_from_iterator(_CORPUS * 4 + ['<human>: hi <bot>: hello', 'user\nwhat', 'assistant\nthe'], trainer)
+    model = json.loads(tok.to_str())['model']
+    pieces = sorted(model['vocab'], key=model['vocab'].get)
+    vocab = {p: i for i, p in enumerate(specials + [f'<0x{b:02X}>' for b in range(256)] + pieces[len(specials):])}
+    merges = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in model['merges']]
+    if not phi3:
+        # pad: <unk>, never </s> (the published V1-1 preprocess counts every non-pad token)
+        return LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy, add_bos_token=True, pad_token='<unk>')
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True)
+    tokenizer.add_tokens([AddedToken(t, rstrip=True, special=True, normalized=False) for t in PHI3_TOKENS],
+                         special_tokens=True)
+    tokenizer.eos_token = tokenizer.pad_token = '<|endoftext|>'
+    return tokenizer

@@ -4,9 +4,10 @@ Importing the package registers everything in MMEngine's root registries (config
 ``custom_imports=dict(imports=['mm_adapter', 'classification'])``).
 """
 import mm_adapter  # noqa: F401  (registers InternViT in MMEngine's registry)
+from mm_adapter.strict_loading import register_converter
 
 from .backbone_identity import backbone_identity, weights_sha256
-from .checkpoint import ProbeCheckpointError, read_probe_checkpoint
+from .checkpoint import PUBLISHED_FILE_OBJECTS, ProbeCheckpointError, read_probe_checkpoint
 from .datasets import (
     DatasetLayoutError,
     HeldOutSplit,
@@ -32,11 +33,15 @@ from .model import (
     LinearProbe,
     ProbeDataPreprocessor,
     probe_record,
+    published_head_to_probe_state,
 )
 from .optim import LinearProbeOptimWrapperConstructor, ProbeOptimWrapper
 from .runner import ProbeRunner, apply_sweep_switch
 from .schedule import TimmCosineLR
 from .transforms import ProbeEvalTransform, ProbeTrainTransform
+
+# load_from / tools/test.py read the published InternVL head file too (strict loading, as every runner)
+register_converter(published_head_to_probe_state, stand_ins=PUBLISHED_FILE_OBJECTS)
 
 __all__ = [
     'LinearProbe', 'ProbeDataPreprocessor', 'BackboneMismatchError', 'probe_record', 'DEFAULT_SWEEP_LRS',

@@ -7,8 +7,10 @@ Two layouts are read:
 * the published InternVL trainer's head file (``intern_vit_6b_224px_head.pth``, SwinTransformer-style):
   ``{'model': {...}, ...}`` with ``norm.*`` (BatchNorm1d), ``head.*`` (Linear) and, for the attention-pooling
   probe, ``attn_pooling.*``; optionally ``model_ema`` with the same names. Older files have no ``norm.*``.
-  The file may also pickle its optimizer, a yacs config and numbers: it is read with the project's safe reader,
-  every foreign object replaced by an inert stand-in, never unpickled in full.
+  The file may also pickle its optimizer state, a yacs config and numbers: it is read with the project's safe
+  reader, the yacs config (``PUBLISHED_FILE_OBJECTS``) and numpy scalars replaced by inert stand-ins, never
+  unpickled in full. ``load_from`` / ``tools/test.py`` read it through the shared strict loading, with the
+  converter ``classification`` registers (``model.published_head_to_probe_state``).
 
 Either way every head tensor the model has must be in the file with its shape and nothing may be left over;
 anything else is a ``ProbeCheckpointError`` naming the tensors (and the file, where the caller knows it).
@@ -18,6 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
+from backbones.layouts import WeightsError
+from backbones.loading import compare_state_dicts
 
 # Published trainer names -> this project's names inside one head (``heads.<i>.``).
 PUBLISHED_NAMES = (
@@ -36,14 +41,19 @@ PUBLISHED_NAMES = (
 )
 
 
-class ProbeCheckpointError(ValueError):
+# Foreign objects the published trainer pickles beside the head (its yacs config): read as inert plain dicts.
+PUBLISHED_FILE_OBJECTS = ('yacs.config.CfgNode',)
+
+
+class ProbeCheckpointError(WeightsError):
     """A probe checkpoint does not fit the model exactly (missing, extra or misshapen head tensors)."""
 
 
 def read_probe_checkpoint(path: str):
-    """The checkpoint's tensors and plain metadata; every other pickled object becomes an inert stand-in."""
+    """The checkpoint's tensors and plain metadata; the published file's yacs config and MMEngine's message hub
+    become inert stand-ins, any other pickled object is refused."""
     from backbones.reading import safe_torch_load
-    return safe_torch_load(path, any_object=True)
+    return safe_torch_load(path, stand_ins=PUBLISHED_FILE_OBJECTS)
 
 
 def is_published_layout(state: Mapping) -> bool:
@@ -77,21 +87,10 @@ def _tensors(obj: Mapping, where: str) -> dict[str, torch.Tensor]:
 def check_head_state(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor], rename=None,
                      hint: str = '') -> None:
     """Every expected tensor present with its shape, nothing else; errors name the tensors (as the file does)."""
-    rename = rename or (lambda name: name)
-    missing = [rename(k) for k in expected if k not in given]
-    extra = [rename(k) for k in given if k not in expected]
-    wrong = [f'{rename(k)}: file {tuple(given[k].shape)}, model {tuple(shape)}' for k, shape in expected.items()
-             if k in given and tuple(given[k].shape) != tuple(shape)]
-    if missing or extra or wrong:
-        parts = []
-        if missing:
-            parts.append(f'missing {len(missing)}: {", ".join(missing[:8])}')
-        if extra:
-            parts.append(f'unexpected {len(extra)}: {", ".join(extra[:8])}')
-        if wrong:
-            parts.append(f'wrong shape {len(wrong)}: {"; ".join(wrong[:8])}')
-        raise ProbeCheckpointError('the checkpoint does not fit the probe heads exactly (' + '; '.join(parts) + ')'
-                                   + (f'. {hint}' if hint else ''))
+    mismatch = compare_state_dicts(given, expected)
+    if mismatch:
+        raise ProbeCheckpointError('the checkpoint does not fit the probe heads exactly: '
+                                   + '; '.join(mismatch.describe(rename=rename)) + (f'. {hint}' if hint else ''))
 
 
 def published_to_probe_state(state: Mapping, head_names: list[str], has_ema: bool,

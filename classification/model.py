@@ -233,29 +233,37 @@ class LinearProbe(BaseModel):
     def _checked_probe_state(self, state: dict) -> dict:
         """``state`` (the model's entries of a checkpoint) checked against the heads, in this model's names."""
         state = {k: v for k, v in state.items() if not k.startswith('backbone.')}  # the backbone loads elsewhere
-        expected = self._expected_head_state()
         if is_published_layout(state):
-            converted, has_ema = published_to_probe_state(state, self.head_names, self.ema_heads is not None,
-                                                          expected)
-            self.ema_available = self.ema_heads is not None and has_ema
-            print_log('published InternVL probe head: no backbone record to check, so the config\'s backbone '
-                      f'must be the one it was trained on ({self.backbone_identity().get("pretrained")})'
-                      + ('' if self.ema_available or self.ema_heads is None else
-                         '; the file holds no EMA weights, so only the plain head is evaluated'), logger='current')
-            return dict(converted, selected_head=self.selected_head.clone(), _extra_state=self.get_extra_state())
+            return self.probe_state_from_published(state)
+        expected = self._expected_head_state()
         if '_extra_state' not in state:
             raise ValueError('checkpoint has no linear-probe record (_extra_state with the backbone hash) and is '
                              'not the published head layout (model -> norm.*, head.*); it was not written by '
                              'LinearProbe, so its heads cannot be checked against the backbone')
-        self._checked_record(state['_extra_state'])  # the backbone and the head names first: the clearest error
+        record = self._checked_record(state['_extra_state'])  # the backbone and the head names first: clearest
         hint = ''
         if self.ema_heads is not None and not any(k.startswith('ema_heads.') for k in state):
             hint = 'The checkpoint has no EMA heads: set model.ema_decay=None to load it'
         elif self.ema_heads is None and any(k.startswith('ema_heads.') for k in state):
             hint = 'The checkpoint has EMA heads: set model.ema_decay as in the training config'
         check_head_state(expected, {k: v for k, v in state.items() if k != '_extra_state'}, hint=hint)
-        self.ema_available = self.ema_heads is not None
+        self.ema_available = self.ema_heads is not None and record.get('ema_available', True)
         return state
+
+    def probe_state_from_published(self, state: dict) -> dict:
+        """The published InternVL head file (``{'model': {...}, 'model_ema': ...}``) as this model's complete
+        state (heads, EMA heads, selected head, record), checked strictly against the heads. Its record is this
+        model's own: the file has none, so the config's backbone must be the one the head was trained on."""
+        converted, has_ema = published_to_probe_state(state, self.head_names, self.ema_heads is not None,
+                                                      self._expected_head_state())
+        self.ema_available = self.ema_heads is not None and has_ema
+        print_log('published InternVL probe head: no backbone record to check, so the config\'s backbone '
+                  f'must be the one it was trained on ({self.backbone_identity().get("pretrained")})'
+                  + ('' if self.ema_available or self.ema_heads is None else
+                     '; the file holds no EMA weights, so only the plain head is evaluated'), logger='current')
+        # ema_available travels in the record, so that loading this state again keeps the plain head only
+        record = encode_record(dict(self.probe_record(), ema_available=self.ema_available))
+        return dict(converted, selected_head=self.selected_head.clone(), _extra_state=record)
 
     # ------------------------------------------------------------------------------------------------ forward
     def _backbone_context(self, images: torch.Tensor):
@@ -357,3 +365,11 @@ def _ignore_missing_backbone_keys(module, incompatible_keys):
     # The frozen backbone comes from its own weights file, never from a probe checkpoint.
     missing = incompatible_keys.missing_keys
     missing[:] = [k for k in missing if not (k.startswith('backbone.') or '.backbone.' in k)]
+
+
+def published_head_to_probe_state(state_dict: dict, model: nn.Module) -> dict:
+    """Strict loading's converter (``mm_adapter.strict_loading.register_converter``): the published InternVL
+    head file, loaded into a ``LinearProbe``, becomes its probe state; anything else passes unchanged."""
+    if isinstance(model, LinearProbe) and is_published_layout(state_dict):
+        return model.probe_state_from_published(state_dict)
+    return state_dict

@@ -9,14 +9,9 @@ train split, a sweep holds out ``fraction`` of it to choose its head.
 from __future__ import annotations
 
 import copy
-import os
-import re
-from collections.abc import Mapping
 
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
-
-from .checkpoint import ProbeCheckpointError, read_probe_checkpoint
 
 
 def _set_sweep(node, sweep: bool) -> int:
@@ -51,51 +46,13 @@ def apply_sweep_switch(cfg) -> int:
 
 @RUNNERS.register_module()
 class ProbeRunner(Runner):
-    """``Runner`` whose held-out splits follow ``model.sweep`` (see the module docstring) and whose checkpoint
-    loading is strict and names the file (``load_from``, ``tools/test.py``, ``--resume``).
+    """``Runner`` whose held-out splits follow ``model.sweep`` (see the module docstring).
 
-    ``load_from`` / ``tools/test.py`` read the file with the safe reader (tensors and plain data; every other
-    pickled object an inert stand-in), so the published InternVL head file loads; ``--resume`` goes through
-    MMEngine's loader and the work-dir trust boundary (``mm_adapter.compat``), as its message hub needs."""
-
-    _resuming = False
-    loads_checkpoints_strictly = True  # mm_adapter.strict_loading leaves load_checkpoint to this class
+    Checkpoints load as in every runner the tools build (``mm_adapter.strict_loading``): strictly, naming the
+    file; the published InternVL head file through the converter ``classification`` registers."""
 
     @classmethod
     def from_cfg(cls, cfg) -> 'ProbeRunner':
         cfg = copy.deepcopy(cfg)
         apply_sweep_switch(cfg)
         return super().from_cfg(cfg)
-
-    def resume(self, filename: str, *args, **kwargs) -> None:
-        self._resuming = True
-        try:
-            return super().resume(filename, *args, **kwargs)
-        finally:
-            self._resuming = False
-
-    def load_checkpoint(self, filename: str, map_location='cpu', strict: bool = False,
-                        revise_keys: list = [(r'^module\.', '')]):  # noqa: B006 (MMEngine's signature)
-        from mmengine.model import is_model_wrapper
-        from mmengine.runner.checkpoint import _load_checkpoint
-
-        if self._resuming or '://' in str(filename):
-            checkpoint = _load_checkpoint(filename, map_location=map_location)
-        else:
-            if not os.path.isfile(filename):
-                raise FileNotFoundError(f'checkpoint {filename} does not exist')
-            checkpoint = read_probe_checkpoint(filename)
-        if not isinstance(checkpoint, Mapping):
-            raise ProbeCheckpointError(f'{filename}: holds a {type(checkpoint).__name__}, not a checkpoint')
-        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
-        model = self.model.module if is_model_wrapper(self.model) else self.model
-        state = checkpoint['state_dict'] if isinstance(checkpoint.get('state_dict'), Mapping) else checkpoint
-        for pattern, replacement in revise_keys:
-            state = {re.sub(pattern, replacement, k): v for k, v in state.items()}
-        try:
-            model.load_state_dict(state, strict=True)
-        except (ProbeCheckpointError, ValueError, RuntimeError) as err:
-            raise type(err)(f'{filename}: {err}') from None
-        self._has_loaded = True
-        self.logger.info(f'Load checkpoint from {filename}')
-        return checkpoint

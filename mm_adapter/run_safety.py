@@ -40,6 +40,8 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from backbones.loading import describe_mismatch
+
 from .atomic_io import AtomicLocalBackend
 
 LOCK_NAME = '.train.lock'
@@ -235,28 +237,6 @@ class _RestoreAfter:
         return next(self.inner)
 
 
-def describe_state_dict_difference(checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor],
-                                   limit: int = 5) -> list:
-    """Lines naming the tensors that are missing, unexpected or of another shape in ``checkpoint``."""
-    def few(names):
-        names = sorted(names)
-        return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
-    missing = [k for k in model if k not in checkpoint]
-    unexpected = [k for k in checkpoint if k not in model]
-    # `_extra_state` entries (a module's get_extra_state, e.g. serialized metadata) have no fixed shape
-    shapes = [f'{k}: checkpoint {tuple(checkpoint[k].shape)} vs model {tuple(model[k].shape)}' for k in model
-              if k in checkpoint and not k.endswith('_extra_state') and hasattr(checkpoint[k], 'shape')
-              and hasattr(model[k], 'shape') and checkpoint[k].shape != model[k].shape]
-    lines = []
-    if missing:
-        lines.append(f'missing {len(missing)} tensors of the model: {few(missing)}')
-    if unexpected:
-        lines.append(f'{len(unexpected)} tensors the model does not have: {few(unexpected)}')
-    if shapes:
-        lines.append(f'{len(shapes)} tensors of another shape: ' + '; '.join(shapes[:limit]))
-    return lines
-
-
 @HOOKS.register_module(force=True)
 class ExactResumeHook(Hook):
     """Saves the random states into checkpoints and restores them on resume (see the module docstring)."""
@@ -286,7 +266,7 @@ class ExactResumeHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         saved = {k[len('module.'):] if k.startswith('module.') else k: v
                  for k, v in checkpoint.get('state_dict', {}).items()}
-        problems = describe_state_dict_difference(saved, model.state_dict())
+        problems = describe_mismatch(saved, model.state_dict())
         if problems:
             source = getattr(runner, '_load_from', None) or osp.join(runner.work_dir, 'last_checkpoint')
             raise RuntimeError(f'--resume: the checkpoint ({source}) was written by another model than this '

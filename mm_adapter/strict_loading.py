@@ -17,9 +17,10 @@ Resuming (``--resume``) is left to MMEngine, unchanged. A DeepSpeed checkpoint f
 ``load_from`` is also left to the DeepSpeed strategy, which loads it with ``load_module_strict=True``.
 
 Before comparing, the state dict goes through ``convert``: by default every converter a package registered with
-``register_converter`` (segmentation registers the published InternViT segmentor layout -> the project's names,
-``segmentation.published_layout``), so the adapter needs to know no package. Files are read with
-``backbones.reading.safe_torch_load`` (``weights_only=True``; message-hub objects become inert stand-ins).
+``register_converter`` (segmentation: the published InternViT segmentor layout -> the project's names,
+``segmentation.published_layout``; classification: the published InternVL probe head file -> the probe's heads),
+so the adapter needs to know no package. Files are read with ``backbones.reading.safe_torch_load``
+(``weights_only=True``; message-hub objects, and the foreign objects a converter declares, become inert stand-ins).
 """
 from __future__ import annotations
 
@@ -31,28 +32,36 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from backbones.layouts import WeightsError, _few, _natural_key
+from backbones.layouts import WeightsError
+from backbones.loading import compare_state_dicts
 from backbones.reading import safe_torch_load
 
 StateDict = dict[str, torch.Tensor]
-Converter = Callable[[StateDict], StateDict]
+Converter = Callable[[StateDict, nn.Module], StateDict]
 
 SHOWN = 5  # names shown per kind of problem; the rest is counted
 
 _CONVERTERS: list[Converter] = []
+_STAND_INS: set[str] = set()  # foreign globals that registered layouts' files pickle beside their tensors
 
 
-def register_converter(convert: Converter) -> Converter:
-    """Add a layout converter applied (in registration order) to every file loaded strictly; it must return
-    the state dict unchanged when the layout is not its own."""
+def register_converter(convert: Converter, stand_ins: Iterable[str] = ()) -> Converter:
+    """Add a layout converter applied (in registration order) to every file loaded strictly.
+
+    ``convert(state_dict, model)`` gets the file's state dict and the (unwrapped) model it is loaded into, for
+    layouts whose mapping depends on the target (a head file holds one head, with or without an EMA copy); it
+    must return the state dict unchanged when the layout is not its own. ``stand_ins`` names the globals
+    (``module.QualName``) such files pickle beside their tensors, e.g. a trainer's config class: reading replaces
+    them by inert stand-ins instead of refusing the file."""
     if convert not in _CONVERTERS:
         _CONVERTERS.append(convert)
+    _STAND_INS.update(stand_ins)
     return convert
 
 
-def registered_converters(state_dict: StateDict) -> StateDict:
+def registered_converters(state_dict: StateDict, model: nn.Module) -> StateDict:
     for convert in _CONVERTERS:
-        state_dict = convert(state_dict)
+        state_dict = convert(state_dict, model)
     return state_dict
 
 
@@ -60,15 +69,11 @@ class CheckpointMismatchError(WeightsError):
     """A checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)."""
 
 
-def _listing(names: Iterable[str]) -> str:
-    return _few(names, SHOWN)
-
-
 def read_checkpoint(filename: str) -> tuple[StateDict, dict]:
     """``(state_dict, checkpoint)`` of a file: an MMEngine/mmseg checkpoint (``{'meta', 'state_dict', ...}``) or a
     bare state dict. A leading ``module.`` on every key (a saved DDP/DeepSpeed module) is removed."""
     if osp.isfile(filename):
-        checkpoint = safe_torch_load(filename)
+        checkpoint = safe_torch_load(filename, stand_ins=_STAND_INS)
     else:  # URLs and other schemes: MMEngine's loaders (weights_only, see mm_adapter.compat)
         from mmengine.runner.checkpoint import CheckpointLoader
         checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
@@ -94,22 +99,9 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str,
     which nothing fits is still an error.
     """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [k for k in state_dict if k in expected and isinstance(state_dict[k], torch.Tensor)
-                 and isinstance(expected[k], torch.Tensor) and state_dict[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f'{len(missing)} tensors of the model are missing from the file: {_listing(missing)}')
-    if unexpected:
-        problems.append(f'{len(unexpected)} tensors of the file are not in the model: {_listing(unexpected)}')
-    if misshaped:
-        shapes = sorted(misshaped, key=_natural_key)
-        shown = '; '.join(f'{k} file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
-                          for k in shapes[:SHOWN])
-        more = f' and {len(shapes) - SHOWN} more' if len(shapes) > SHOWN else ''
-        problems.append(f'{len(misshaped)} tensors have another shape: {shown}{more}')
-    fitting = {k: v for k, v in state_dict.items() if k in expected and k not in set(misshaped)}
+    mismatch = compare_state_dicts(state_dict, expected)
+    problems = mismatch.describe(SHOWN)
+    fitting = {k: v for k, v in state_dict.items() if k in expected and k not in mismatch.misshaped}
     if not fitting:
         raise CheckpointMismatchError(f'{source} loads nothing into the model: ' + '; '.join(problems))
     if problems:
@@ -123,14 +115,31 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str,
     return fitting
 
 
-def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], source: str,
-                             allow_partial: bool = False) -> None:
-    """Check ``state_dict`` against ``model`` (``fit_state_dict``), then copy it in."""
+def _naming(source: str, err: Exception) -> Exception:
+    """``err`` with ``source`` in front of its message (the same type; ``err`` itself where that type cannot be
+    made from a message alone)."""
+    try:
+        return type(err)(f'{source}: {err}')
+    except TypeError:
+        return err
+
+
+def _bare(model: nn.Module) -> nn.Module:
     from mmengine.model import BaseTTAModel
     if is_model_wrapper(model) or isinstance(model, BaseTTAModel):  # TTA (tools/test.py --tta) wraps the segmentor
-        model = model.module
+        return model.module
+    return model
+
+
+def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], source: str,
+                             allow_partial: bool = False) -> None:
+    """Check ``state_dict`` against ``model`` (``fit_state_dict``), then copy it in; errors name ``source``."""
+    model = _bare(model)
     fitting = fit_state_dict(model, state_dict, source, allow_partial)
-    model.load_state_dict(fitting, strict=not allow_partial)
+    try:  # a model's own checks while loading (a probe's backbone record) are about this file too
+        model.load_state_dict(fitting, strict=not allow_partial)
+    except (ValueError, RuntimeError) as err:
+        raise _naming(source, err) from None
     print_log(f'Loaded {len(fitting)} tensors from {source} (strict: {"no, partial" if allow_partial else "yes"})',
               logger='current')
 
@@ -142,7 +151,10 @@ def load_checkpoint_strictly(model: nn.Module, filename: str, allow_partial: boo
     state_dict, checkpoint = read_checkpoint(filename)
     source = filename
     if convert is not None:
-        converted = convert(state_dict)
+        try:
+            converted = convert(state_dict, _bare(model))
+        except WeightsError as err:
+            raise _naming(filename, err) from None
         if converted.keys() != state_dict.keys():
             source = f"{filename} (names below after mapping the file's layout to the model's)"
         state_dict = converted
@@ -152,13 +164,8 @@ def load_checkpoint_strictly(model: nn.Module, filename: str, allow_partial: boo
 
 
 def install_strict_loading(runner, allow_partial: bool = False, convert: Optional[Converter] = None) -> None:
-    """Make ``runner`` load ``load_from`` strictly (see the module docstring); resume is untouched. A runner
-    class with ``loads_checkpoints_strictly = True`` keeps its own strict loading (classification's ProbeRunner:
-    probe records, the published head file)."""
+    """Make ``runner`` load ``load_from`` strictly (see the module docstring); resume is untouched."""
     from mmengine.runner import FlexibleRunner
-
-    if getattr(runner, 'loads_checkpoints_strictly', False):
-        return
 
     def load(model: nn.Module, filename: str) -> dict:
         checkpoint = load_checkpoint_strictly(model, filename, allow_partial, convert)

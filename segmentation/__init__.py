@@ -34,11 +34,11 @@ from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
 from .metrics import IoUTableMetric  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
-from .published_layout import to_project  # noqa: E402
+from .published_layout import to_project_names  # noqa: E402
 from .schedules import PolyLRWithLinearWarmup  # noqa: E402
 from .sharded_startup import InternViTDeepSpeedStrategy  # noqa: E402
 
-register_converter(to_project)  # strict loading reads the published segmentor layout too
+register_converter(to_project_names)  # strict loading reads the published segmentor layout too
 
 # Checkpoints read outside tools/train.py (mmseg.apis.init_model, MMSegInferencer, tools/image_demo.py) load weights
 # only; a training entry point later trusts its own work dir for resuming (mm_adapter.compat.trust_checkpoints_in).

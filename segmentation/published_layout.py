@@ -17,7 +17,7 @@ The eight released files are mmseg-0.x segmentor state dicts, bare or ``{'meta':
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -35,18 +35,40 @@ def to_project(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
     Backbone tensors the layout reader does not recognise keep their names, so that strict loading reports them.
     """
+    return _map_segmentor(state_dict, _PUBLISHED_BRANCH, lambda m: f'{NECK}{int(m.group(1)) - 1}.{m.group(2)}',
+                          lambda backbone: {BACKBONE + k: v for k, v in _backbone_to_canonical(backbone).items()})
+
+
+def to_published(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The project's segmentor state dict -> the published layout (original backbone names, ``backbone.upN``)."""
+    return _map_segmentor(state_dict, _PROJECT_BRANCH, lambda m: f'{BACKBONE}up{int(m.group(1)) + 1}.{m.group(2)}',
+                          lambda backbone: from_canonical(backbone, 'original', prefix=BACKBONE))
+
+
+def _map_segmentor(state_dict: Mapping[str, torch.Tensor], branch: re.Pattern,
+                   branch_name: Callable[[re.Match], str],
+                   map_backbone: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict:
+    """``state_dict`` with the pyramid branches matching ``branch`` renamed by ``branch_name``, the backbone's
+    tensors (``backbone.*``, passed without the prefix) replaced by what ``map_backbone`` makes of them, and
+    every other tensor unchanged."""
     out: dict[str, torch.Tensor] = {}
     backbone: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        branch = _PUBLISHED_BRANCH.match(key)
-        if branch:
-            out[f'{NECK}{int(branch.group(1)) - 1}.{branch.group(2)}'] = value
+        match = branch.match(key)
+        if match:
+            out[branch_name(match)] = value
         elif key.startswith(BACKBONE):
             backbone[key[len(BACKBONE):]] = value
         else:
             out[key] = value
-    out.update({BACKBONE + k: v for k, v in _backbone_to_canonical(backbone).items()})
+    out.update(map_backbone(backbone))
     return out
+
+
+def to_project_names(state_dict: Mapping[str, torch.Tensor], model=None) -> dict[str, torch.Tensor]:
+    """``to_project`` as strict loading's converter (``mm_adapter.strict_loading.register_converter``); the
+    mapping is the same for every segmentor ``model``."""
+    return to_project(state_dict)
 
 
 def _backbone_to_canonical(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,19 +87,3 @@ def _backbone_to_canonical(backbone: dict[str, torch.Tensor]) -> dict[str, torch
     if clash:
         raise WeightsError(f'backbone tensors in two layouts map to the same names: {", ".join(clash[:5])}')
     return {**canonical, **leftover}
-
-
-def to_published(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The project's segmentor state dict -> the published layout (original backbone names, ``backbone.upN``)."""
-    out: dict[str, torch.Tensor] = {}
-    backbone: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        branch = _PROJECT_BRANCH.match(key)
-        if branch:
-            out[f'{BACKBONE}up{int(branch.group(1)) + 1}.{branch.group(2)}'] = value
-        elif key.startswith(BACKBONE):
-            backbone[key[len(BACKBONE):]] = value
-        else:
-            out[key] = value
-    out.update(from_canonical(backbone, 'original', prefix=BACKBONE))
-    return out

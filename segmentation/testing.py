@@ -1,7 +1,6 @@
 """Small helpers shared by the segmentation tests and the benchmark: tiny datasets and tiny-run config overrides."""
 from __future__ import annotations
 
-import contextlib
 import os.path as osp
 from typing import Any, Dict, List
 
@@ -51,16 +50,3 @@ def as_cli(options: Dict[str, Any]) -> List[str]:
             return '[' + ','.join(fmt(v) for v in value) + ']'
         return str(value)
     return [f'{key}={fmt(value)}' for key, value in options.items()]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int = 1):
-    """Run with ``count`` intra-op threads, then restore. Tiny models on a small (shared) CPU are fastest with one
-    thread per process; two threads that get descheduled make each step many times slower."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

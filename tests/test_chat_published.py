@@ -10,7 +10,7 @@ from safetensors import safe_open
 from chat import ChatCheckpointError, ChatSettings, InternVLChatModel, load_chat_model, save_chat_model
 from chat.checkpoint import build_from_parts, read_projector
 from chat.data import BadRecordError, DataSource, SFTDataset, load_meta_file
-from chat.tiny import build_tiny_parts, colour_square
+from chat.tiny import build_tiny_parts, build_tiny_tokenizer, colour_square
 from chat.tokenization import prepare_tokenizer
 
 
@@ -199,25 +199,63 @@ def test_published_record_rules_and_token_truncation(tiny, data_dir):
     assert (item['labels'] != -100).any()
 
 
-def test_unreadable_image_during_training_is_a_skipped_bad_record(tiny, data_dir):
+def test_unreadable_image_during_training_is_replaced_by_a_seeded_random_record(tiny, data_dir):
     _, tokenizer = tiny
     colour_square('red', 32).save(data_dir / 'later_broken.png')
-    path = write_jsonl(data_dir / 'd.jsonl', [
-        record(('human', 'first?'), ('gpt', 'one.'), image='later_broken.png'),
-        record(('human', 'second?'), ('gpt', 'two.'), image='red.png')])
+    path = write_jsonl(data_dir / 'd.jsonl', [record(('human', 'first?'), ('gpt', 'one.'), image='later_broken.png')]
+                       + [record(('human', f'question {k}?'), ('gpt', 'two.'), image='red.png') for k in range(1, 6)])
     report = data_dir / 'out' / 'bad.jsonl'
     ds = dataset(path, tokenizer, report_file=report)
-    assert len(ds) == 2 and report.read_text() == ''
+    assert len(ds) == 6 and report.read_text() == ''
     data = (data_dir / 'later_broken.png').read_bytes()
     (data_dir / 'later_broken.png').write_bytes(data[:len(data) // 2])  # truncated after the scan
-    item = ds[0]  # the next usable record instead of a crash
-    assert tokenizer.decode(item['input_ids']).count('second?') == 1
-    assert [(b.index, b.reason.split(':')[0]) for b in ds.bad_records] == [(0, 'cannot read image')]
-    assert json.loads(report.read_text())['index'] == 0
+
+    def replacement(seed):
+        ds.seed = seed
+        text = tokenizer.decode(ds[0]['input_ids'])  # a usable record instead of a crash
+        return [k for k in range(1, 6) if f'question {k}?' in text]
+
+    drawn = [replacement(seed) for seed in range(8)]
+    assert all(len(d) == 1 for d in drawn)
+    assert drawn == [replacement(seed) for seed in range(8)]  # seeded: the same draws again
+    assert len({d[0] for d in drawn}) > 1  # drawn at random, as published (not always the next record)
+    assert [(b.index, b.reason.split(':')[0]) for b in ds.bad_records] == [(0, 'cannot read image')]  # once
+    assert [json.loads(line)['index'] for line in report.read_text().splitlines()] == [0]
     erroring = dataset(path, tokenizer)
     erroring.on_bad_record = 'error'
     with pytest.raises(BadRecordError, match=r'd.jsonl record 0: cannot read image'):
         erroring[0]
+    for k in range(1, 6):
+        ds.examples[k] = ds.examples[0]
+    with pytest.raises(RuntimeError, match=r'SFT item 0: it and 10 records drawn in its place have unreadable'):
+        ds[0]
+
+
+def test_system_turn_as_the_published_preprocessing_reads_it(data_dir):
+    """Published: only preprocess_internvl2_5 reads a 'system' turn (the others fail on it: a bad record);
+    internvl2_5 also keeps a leading answer and takes turns in any order."""
+    records = [record(('system', 'be terse.'), ('human', 'q?'), ('gpt', 'a.')),
+               record(('gpt', 'stray.'), ('human', 'q?'), ('gpt', 'a.'), ('gpt', 'more.')),
+               record(('human', 'q?'), ('gpt', 'a.'))]
+    path = write_jsonl(data_dir / 's.jsonl', records)
+    tokenizer = build_tiny_tokenizer()
+    prepare_tokenizer(tokenizer, 'internvl2_5')
+    ds = dataset(path, tokenizer, template='internvl2_5')
+    assert [(e.system, e.turns) for e in ds.examples] == [
+        ('be terse.', [(0, 'q?'), (1, 'a.')]), (None, [(1, 'stray.'), (0, 'q?'), (1, 'a.'), (1, 'more.')]),
+        (None, [(0, 'q?'), (1, 'a.')])]
+    for template in ('Hermes-2', 'internlm2-chat', 'phi3-chat', 'internvl_zh'):
+        prepare_tokenizer(tokenizer, template)
+        ds = dataset(path, tokenizer, template=template)
+        assert [(b.index, b.reason) for b in ds.bad_records] == [(0, (
+            f"a 'system' turn: the published preprocessing of template '{template}' reads human/gpt turns only (a "
+            "leading system turn is read by internvl2_5; record_rules='strict' takes it as the system message)")),
+            (1, "turn 3 is from 'gpt': turns must alternate, starting with the user")]
+        with pytest.raises(BadRecordError, match=r"s.jsonl record 0 \(line 1\): a 'system' turn: the published"):
+            dataset(path, tokenizer, template=template, on_bad_record='error')
+        strict = dataset(write_jsonl(data_dir / 'one.jsonl', records[:1]), tokenizer, template=template,
+                         record_rules='strict')
+        assert strict.examples[0].system == 'be terse.'
 
 
 # ---------------------------------------------------------------------------------------------------- recipe

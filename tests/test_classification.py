@@ -23,7 +23,6 @@ from classification import (
     ImageNetReaL,
     ImageNetV2Folder,
     ImageReadError,
-    LinearProbe,
     LinearProbeOptimWrapperConstructor,
     MultiSetTestLoop,
     StaleFeatureCacheError,
@@ -35,24 +34,12 @@ from classification import (
 )
 from classification.heads import head_losses
 
+from helpers import tiny_probe
+
 EVAL_56 = dict(type='ProbeEvalTransform', size=56)
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_hash_cache(tmp_path, monkeypatch):
-    # Tiny models run fastest on one thread (and do not fight other processes); hashes never touch ~/.cache.
-    monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(tmp_path / 'hash_cache'))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_probe(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault('num_classes', 4)
-    backbone = kwargs.pop('backbone', dict(type='InternViT', preset='internvit_tiny', frozen=True))
-    return LinearProbe(backbone=backbone, **kwargs)
+pytestmark = pytest.mark.usefixtures('one_thread', 'private_hash_cache')  # tests/conftest.py
 
 
 def write_image(path, color, size=24):

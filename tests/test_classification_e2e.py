@@ -36,13 +36,9 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def in_workspace(workspace, monkeypatch):
+def in_workspace(workspace, monkeypatch, one_thread):
     monkeypatch.chdir(workspace)
     monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(workspace / 'hash_cache'))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def subprocess_env(workspace):

@@ -3,6 +3,7 @@ strictly (both variants, foreign pickled objects beside the tensors), every load
 not fit, the attention-pooling head matches a reference written from its description, and the recipe's numbers
 (Mixup/CutMix, label smoothing, SGD Nesterov, timm cosine schedule, EMA) are the published ones."""
 import os
+import re
 import sys
 import types
 
@@ -14,22 +15,16 @@ import torch.nn.functional as F
 import classification  # noqa: F401  (registers everything)
 from classification import LinearProbe, ProbeCheckpointError, read_probe_checkpoint
 
+import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(tmp_path / 'hash_cache'))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread', 'private_hash_cache')  # tests/conftest.py
 
 
-def tiny_probe(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault('num_classes', 5)
-    return LinearProbe(backbone=dict(type='InternViT', preset='internvit_tiny', frozen=True), **kwargs)
+def tiny_probe(seed=0, num_classes=5, **kwargs):
+    return helpers.tiny_probe(seed, num_classes, **kwargs)
 
 
 def save_published_head(path, head: dict, ema: dict | None = None):
@@ -104,30 +99,54 @@ def test_published_head_file_loads_strictly_and_gives_the_reference_logits(tmp_p
     assert result['top1'] == pytest.approx(100.0 * (expected.argmax(1) == labels).float().mean().item())
 
 
-def test_published_head_with_ema_weights_fills_the_ema_head(tmp_path):
+@pytest.mark.parametrize('path_taken', ['load_state_dict', 'strict_loader'])
+def test_published_head_with_ema_weights_fills_the_ema_head(tmp_path, path_taken):
+    """Both ways in give the same model: torch's load_state_dict, and the shared strict loader of load_from /
+    tools/test.py (mm_adapter.strict_loading with the converter classification registers)."""
+    from mm_adapter.strict_loading import load_checkpoint_strictly, registered_converters
+
+    def load(model, path):
+        if path_taken == 'load_state_dict':
+            model.load_state_dict(read_probe_checkpoint(str(path)))
+        else:
+            load_checkpoint_strictly(model, str(path), convert=registered_converters)
+
     model = tiny_probe(ema_decay=0.998)
     head, ema = random_published_head(128, 5, seed=1), random_published_head(128, 5, seed=2)
     path = tmp_path / 'head.pth'
     save_published_head(path, head, ema)
-    model.load_state_dict(read_probe_checkpoint(str(path)))
+    load(model, path)
     torch.testing.assert_close(model.ema_heads[0].fc.weight, ema['head.weight'])
     torch.testing.assert_close(model.heads[0].fc.weight, head['head.weight'])
+    assert model.ema_available
     model.eval()
     assert model(torch.randn(2, 3, 56, 56)).shape == (2, 2, 5)  # plain and EMA
     save_published_head(path, head)  # no model_ema: only the plain head is evaluated, never a random EMA copy
-    model.load_state_dict(read_probe_checkpoint(str(path)))
+    load(model, path)
+    torch.testing.assert_close(model.ema_heads[0].fc.weight, head['head.weight'])
     assert not model.ema_available and model(torch.randn(2, 3, 56, 56)).shape == (1, 2, 5)
+    no_ema = tiny_probe()  # a model without EMA heads reads the plain head of a file with model_ema
+    save_published_head(path, head, ema)
+    load(no_ema, path)
+    torch.testing.assert_close(no_ema.heads[0].fc.weight, head['head.weight'])
+
+
+MISSING = 'tensors of the model are missing from the checkpoint'
+UNEXPECTED = 'tensors of the checkpoint are not in the model'
 
 
 @pytest.mark.parametrize('change, message', [
-    (lambda h: h.pop('norm.running_var'), r'missing 1: norm.running_var'),
-    (lambda h: h.update({'head.extra': torch.zeros(1)}), r'unexpected 1: head.extra'),
-    (lambda h: h.update({'head.weight': torch.zeros(5, 64)}), r'wrong shape 1: head.weight: file \(5, 64\), model '
-                                                              r'\(5, 128\)'),
-    (lambda h: [h.pop(k) for k in list(h) if k.startswith('norm.')], r'missing 5: norm.weight.*head_norm=False'),
+    (lambda h: h.pop('norm.running_var'), rf'1 {MISSING}: norm.running_var'),
+    (lambda h: h.update({'head.extra': torch.zeros(1)}), rf'1 {UNEXPECTED}: head.extra'),
+    (lambda h: h.update({'head.weight': torch.zeros(5, 64)}), r'1 tensors have another shape: head.weight: '
+                                                              r'checkpoint \(5, 64\) vs model \(5, 128\)'),
+    (lambda h: [h.pop(k) for k in list(h) if k.startswith('norm.')],
+     rf'5 {MISSING}: norm.bias, .*norm.weight.*head_norm=False'),
 ])
 def test_a_head_that_does_not_fit_is_refused_on_every_path(tmp_path, change, message):
     from mmengine.runner.checkpoint import load_checkpoint
+
+    from mm_adapter.strict_loading import load_checkpoint_strictly, registered_converters
 
     head = random_published_head(128, 5)
     change(head)
@@ -144,9 +163,9 @@ def test_a_head_that_does_not_fit_is_refused_on_every_path(tmp_path, change, mes
     torch.save(dict(model=head), plain)
     with pytest.raises(ProbeCheckpointError, match=message):
         load_checkpoint(model, str(plain), strict=False)
-    runner = types.SimpleNamespace(model=model, _resuming=False, call_hook=lambda *a, **k: None, logger=None)
-    with pytest.raises(ProbeCheckpointError, match=f'{path}: .*{message}'):  # load_from, tools/test.py, resume
-        classification.ProbeRunner.load_checkpoint(runner, str(path))
+    # load_from and tools/test.py: the shared strict loader with the converter classification registers
+    with pytest.raises(ProbeCheckpointError, match=f'{path}: .*{message}'):
+        load_checkpoint_strictly(model, str(path), convert=registered_converters)
     torch.testing.assert_close(model.heads[0].fc.weight, before)  # nothing half-loaded
 
 
@@ -155,14 +174,28 @@ def test_own_checkpoints_are_strict_too(tmp_path):
     state = model.state_dict()
     assert {k.split('.')[0] for k in state} == {'heads', 'ema_heads', 'selected_head', '_extra_state'}
     tiny_probe(ema_decay=0.998).load_state_dict(state)
-    for broken, message in (({k: v for k, v in state.items() if k != 'heads.0.fc.bias'}, 'missing 1: heads.0.fc.bias'),
-                            (dict(state, **{'heads.1.fc.bias': torch.zeros(5)}), 'unexpected 1: heads.1.fc.bias'),
+    for broken, message in (({k: v for k, v in state.items() if k != 'heads.0.fc.bias'},
+                             f'1 {MISSING}: heads.0.fc.bias'),
+                            (dict(state, **{'heads.1.fc.bias': torch.zeros(5)}), f'1 {UNEXPECTED}: heads.1.fc.bias'),
                             (dict(state, **{'ema_heads.0.fc.bias': torch.zeros(3)}),
-                             r'wrong shape 1: ema_heads.0.fc.bias: file \(3,\), model \(5,\)')):
+                             r'1 tensors have another shape: ema_heads.0.fc.bias: checkpoint \(3,\) vs model \(5,\)')):
         with pytest.raises(ProbeCheckpointError, match=message):
             tiny_probe(ema_decay=0.998).load_state_dict(broken, strict=False)
     with pytest.raises(ProbeCheckpointError, match='no EMA heads: set model.ema_decay=None'):
         tiny_probe(ema_decay=0.998).load_state_dict(tiny_probe().state_dict())
+
+
+def test_shared_strict_loader_names_the_file_of_heads_from_another_backbone(tmp_path):
+    """load_from / tools/test.py with a probe checkpoint: the model's own record check speaks, naming the file."""
+    from mm_adapter.strict_loading import load_checkpoint_strictly, registered_converters
+
+    path = tmp_path / 'epoch_1.pth'
+    torch.save(dict(state_dict=tiny_probe(seed=0).state_dict(), meta={}), path)
+    same = tiny_probe(seed=0)
+    load_checkpoint_strictly(same, str(path), convert=registered_converters)
+    with pytest.raises(classification.BackboneMismatchError,
+                       match=f'^{re.escape(str(path))}: these heads were trained on a backbone with sha256'):
+        load_checkpoint_strictly(tiny_probe(seed=1), str(path), convert=registered_converters)
 
 
 # ------------------------------------------------------------------------------------------------ recipe

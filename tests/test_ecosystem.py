@@ -14,17 +14,9 @@ from backbones.internvit import InternViT
 from backbones.layouts import from_canonical
 from backbones.run_config import arch_from_backbone_config, backbone_config_from_text
 
+from helpers import randomized
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def randomized(preset='internvit_tiny', seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = InternViT(preset, **overrides).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            one = name.endswith(('norm1.weight', 'norm2.weight', 'q_norm.weight', 'k_norm.weight'))
-            p.normal_(1.0 if one else 0.0, 0.3 if name.endswith(('ls1', 'ls2')) else 0.1)
-    return model
 
 
 def load_tool(name):

@@ -18,24 +18,14 @@ from backbones.layouts import WeightsError
 from mm_adapter import run_safety
 from mm_adapter.atomic_io import AtomicLocalBackend
 from mm_adapter.run_safety import LOCK_NAME, WorkDirLockedError, _process_start
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options, torch_threads
+from segmentation.testing import QUICKSTART_CONFIG, as_cli, tiny_run_options
+
+from helpers import tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def tool(name, entry='main'):
-    return runpy.run_path(osp.join(ROOT, 'tools', f'{name}.py'), run_name=f'tools_{name}')[entry]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('safety') / 'synth'), num_train=8, num_val=2, size=112)
+pytestmark = pytest.mark.usefixtures('one_thread')  # data_root: tests/conftest.py
 
 
 def train(data_root, work_dir, iters, *extra, entry='main', **options):
@@ -198,7 +188,7 @@ def test_resume_with_another_model_names_the_differing_tensors(data_root, tmp_pa
     work_dir = tmp_path / 'run'
     train(data_root, work_dir, 1)
     with pytest.raises(RuntimeError, match=r'--resume: the checkpoint .* was written by another model than this '
-                                           r'config builds: .*tensors of another shape: auxiliary_head\.'):
+                                           r'config builds: .*tensors have another shape: auxiliary_head\.'):
         train(data_root, work_dir, 2, '--resume', **{'model.auxiliary_head.channels': 8})
 
 
@@ -217,14 +207,13 @@ def test_test_tool_says_a_directory_is_a_directory(tmp_path):
         tool('test')([QUICKSTART_CONFIG, str(tmp_path)])
 
 
-def test_linear_probe_resume_repeats_an_uninterrupted_run_exactly(tmp_path, monkeypatch):
+def test_linear_probe_resume_repeats_an_uninterrupted_run_exactly(tmp_path, monkeypatch, private_hash_cache):
     """The tiny probe (Mixup/CutMix, random crops, EMA): 2 epochs straight vs 1 epoch, then --resume to 2."""
     config = osp.join(ROOT, 'configs', 'classification', 'internvit_tiny_linear_probe_synthetic.py')
     runpy.run_path(osp.join(ROOT, 'tools', 'make_synthetic_imagenet.py'))['main'](
         [str(tmp_path / 'data' / 'synthetic_imagenet'), '--classes', '4', '--train-per-class', '8',
          '--val-per-class', '2', '--variant-per-class', '1', '--subset-classes', '2', '--size', '56'])
     monkeypatch.chdir(tmp_path)  # the config's relative data root
-    monkeypatch.setenv('INTERNVIT_CACHE_DIR', str(tmp_path / 'hash_cache'))
 
     def probe(work_dir, epochs, *extra):
         return tool('train')([config, '--work-dir', str(work_dir), *extra, '--cfg-options', 'model.num_classes=4',

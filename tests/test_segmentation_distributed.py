@@ -14,15 +14,10 @@ from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
 import segmentation  # noqa: F401
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options
+from segmentation.testing import QUICKSTART_CONFIG, as_cli, tiny_run_options
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-ITERS = 6
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('seg_dist') / 'synth'), num_train=8, num_val=2, size=112)
+ITERS = 6  # data_root (8 training images): tests/conftest.py
 
 
 def free_port():

@@ -19,12 +19,14 @@ from mmseg.registry import MODELS
 import segmentation  # noqa: F401
 from mm_adapter.strict_loading import CheckpointMismatchError
 from segmentation.published_layout import to_project, to_published
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, torch_threads
+from segmentation.testing import QUICKSTART_CONFIG, as_cli
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 C, DEPTH, HEADS, MLP, CLASSES = 64, 4, 4, 256, 5  # internvit_tiny
 CROP = 112
 GRID = CROP // 14  # the published files hold the position embedding at the crop's grid (36x36 at 504)
+TINY_DATASET = dict(num_train=2, size=CROP)  # data_root: tests/conftest.py
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @HOOKS.register_module(force=True)
@@ -34,17 +36,6 @@ class KeepTestedModelHook(Hook):
 
     def before_test(self, runner):
         KeepTestedModelHook.models.append(runner.model)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('published') / 'synth'), num_train=2, num_val=2, size=CROP)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -261,11 +252,12 @@ def broken(published, kind):
         sd['decode_head.conv_extra.weight'] = torch.zeros(3)
         return sd, 'decode_head.conv_extra.weight'
     sd['decode_head.conv_seg.weight'] = torch.zeros(CLASSES + 1, C, 1, 1)
-    return sd, rf'decode_head.conv_seg.weight file \({CLASSES + 1}, {C}, 1, 1\) vs model \({CLASSES}, {C}, 1, 1\)'
+    return sd, (rf'decode_head.conv_seg.weight: checkpoint \({CLASSES + 1}, {C}, 1, 1\) vs model '
+                rf'\({CLASSES}, {C}, 1, 1\)')
 
 
 KINDS = ['missing', 'extra', 'shape']
-MESSAGES = {'missing': 'missing from the file', 'extra': 'not in the model', 'shape': 'another shape'}
+MESSAGES = {'missing': 'missing from the checkpoint', 'extra': 'not in the model', 'shape': 'another shape'}
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -282,7 +274,7 @@ def test_many_problems_are_counted_after_a_handful(linear_file, data_root, tmp_p
     sd = {k: v for k, v in linear_file.items() if not k.startswith('backbone.blocks.')}
     checkpoint = save(sd, tmp_path / 'no_blocks.pth', wrapped=False)
     count = 13 * DEPTH  # tensors per InternViT block (no qkv bias)
-    with pytest.raises(CheckpointMismatchError, match=rf'{count} tensors of the model are missing from the file: '
+    with pytest.raises(CheckpointMismatchError, match=rf'{count} tensors of the model are missing from the checkpoint: '
                                                       rf'backbone\.encoder\.layers\.0\.[^,]+(, [^,]+){{4}} and '
                                                       rf'{count - 5} more'):
         evaluate(config, checkpoint, data_root, tmp_path / 'work')
@@ -394,7 +386,7 @@ def test_distributed_strategies_refuse_a_file_that_does_not_fit(strategy, kind, 
     sd, name = broken(upernet_file, kind)
     if kind == 'shape':
         sd['decode_head.conv_seg.weight'] = torch.zeros(CLASSES + 1, 32, 1, 1)  # UPerHead channels 32
-        name = r'decode_head.conv_seg.weight file \(6, 32, 1, 1\) vs model \(5, 32, 1, 1\)'
+        name = r'decode_head.conv_seg.weight: checkpoint \(6, 32, 1, 1\) vs model \(5, 32, 1, 1\)'
     checkpoint = save(sd, tmp_path / f'{kind}.pth', wrapped=True)
     with pytest.raises(CheckpointMismatchError, match=rf'{re.escape(checkpoint)}.*{MESSAGES[kind]}.*{name}'):
         evaluate(config, checkpoint, data_root, tmp_path / 'work', launcher='pytorch')

@@ -3,7 +3,6 @@ backbone, export of a training checkpoint to the InternVL-Chat vision format."""
 import json
 import os
 import os.path as osp
-import runpy
 import subprocess
 import sys
 
@@ -15,31 +14,18 @@ from PIL import Image
 
 import segmentation  # noqa: F401
 from mm_adapter.runtime import build_runner, prepare_config
-from segmentation.testing import QUICKSTART_CONFIG, as_cli, make_tiny_dataset, tiny_run_options, torch_threads
+from segmentation.testing import QUICKSTART_CONFIG, as_cli, tiny_run_options
+
+from helpers import tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TRAIN_ITERS = 30
-
-
-def run_tool(name, argv):
-    """Run tools/<name>.py in this process (its main(argv)); returns what main returns."""
-    namespace = runpy.run_path(osp.join(ROOT, 'tools', f'{name}.py'), run_name=f'tools_{name}')
-    return namespace['main'](argv)
+TINY_DATASET = dict(num_train=16, num_val=4)  # data_root: tests/conftest.py
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def load_checkpoint(path):
     return torch.load(path, map_location='cpu', weights_only=False)  # written by these tests
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('seg_train') / 'synth'), num_train=16, num_val=4, size=112)
 
 
 @pytest.fixture(scope='module')
@@ -66,7 +52,7 @@ def test_tiny_model_learns_and_test_tool_reports_and_draws(trained_run, data_roo
     prepare_config(cfg, QUICKSTART_CONFIG, work_dir=str(tmp_path / 'untrained'))
     untrained = build_runner(cfg).test()
     show_dir = str(tmp_path / 'overlays')
-    trained = run_tool('test', [QUICKSTART_CONFIG, checkpoint, '--work-dir', work_dir, '--show-dir', show_dir,
+    trained = tool('test')([QUICKSTART_CONFIG, checkpoint, '--work-dir', work_dir, '--show-dir', show_dir,
                                 '--max-overlays', '2', '--cfg-options', *as_cli(tiny_run_options(data_root, 1))])
     print(f'\nvalidation mIoU: untrained {untrained["mIoU"]:.2f}, after {TRAIN_ITERS} iterations '
           f'{trained["mIoU"]:.2f} (aAcc {untrained["aAcc"]:.2f} -> {trained["aAcc"]:.2f})')
@@ -86,7 +72,7 @@ def test_training_checkpoint_exports_and_loads_back_as_the_same_backbone(trained
     _, checkpoint, _ = trained_run
     out = str(tmp_path / 'exported')
     # the tiny test width (64) does not tell the head count; 6B (3200) and 300M (1024) need no --num-heads
-    assert run_tool('export_to_chat', [checkpoint, out, '--image-size', '112', '--dtype', 'float32',
+    assert tool('export_to_chat')([checkpoint, out, '--image-size', '112', '--dtype', 'float32',
                                        '--num-heads', '4']) == 0
     exported = InternViT.from_pretrained(out)
     trained = {k[len('backbone.'):]: v for k, v in load_checkpoint(checkpoint)['state_dict'].items()
@@ -95,7 +81,7 @@ def test_training_checkpoint_exports_and_loads_back_as_the_same_backbone(trained
     assert set(state) == set(trained)
     for name, tensor in trained.items():
         assert torch.equal(state[name], tensor), name
-    assert run_tool('export_to_chat', [checkpoint, out]) == 2  # an existing OUT is refused without --overwrite
+    assert tool('export_to_chat')([checkpoint, out]) == 2  # an existing OUT is refused without --overwrite
 
 
 def _final_state(work_dir, iters):
@@ -113,7 +99,7 @@ def test_resume_matches_an_uninterrupted_run(data_root, tmp_path):
         options = tiny_run_options(data_root, max_iters, checkpoint_interval=2,
                                    **{'train_cfg.val_interval': 1000, 'param_scheduler.0.end': 2,
                                       'param_scheduler.1.begin': 2, 'param_scheduler.1.end': 8})
-        return run_tool('train', [QUICKSTART_CONFIG, '--work-dir', work_dir, *extra,
+        return tool('train')([QUICKSTART_CONFIG, '--work-dir', work_dir, *extra,
                                   '--cfg-options', *as_cli(options)])
 
     straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')

@@ -19,18 +19,16 @@ from segmentation.datasets import few_shot_subset
 from segmentation.few_shot import list_image_stems, write_split_files
 from segmentation.layer_decay import InternViTLayerDecayOptimizerConstructor, clean_param_name, internvit_layer_id
 from segmentation.neck import ViTFeaturePyramid
-from segmentation.testing import QUICKSTART_CONFIG, make_tiny_dataset, torch_threads
+from segmentation.testing import QUICKSTART_CONFIG
+
+TINY_DATASET = dict(num_train=6)  # data_root: tests/conftest.py
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module', autouse=True)
-def seg_scope_one_thread():
-    with DefaultScope.overwrite_default_scope('mmseg'), torch_threads(1):
+def seg_scope():
+    with DefaultScope.overwrite_default_scope('mmseg'):
         yield
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    return make_tiny_dataset(str(tmp_path_factory.mktemp('seg') / 'synth'), num_train=6, num_val=2, size=112)
 
 
 def tiny_model_cfg(**backbone):
@@ -157,10 +155,10 @@ def test_few_shot_subsets_are_deterministic_nested_and_sized():
         few_shot_subset(names, 0)
 
 
-def test_dataset_fraction_matches_split_files(tiny_data, tmp_path):
-    img_dir = osp.join(tiny_data, 'images', 'training')
+def test_dataset_fraction_matches_split_files(data_root, tmp_path):
+    img_dir = osp.join(data_root, 'images', 'training')
     split_files = write_split_files(list_image_stems(img_dir), str(tmp_path), seed=0)
-    base = dict(type='SyntheticADE20KDataset', data_root=tiny_data, serialize_data=False,
+    base = dict(type='SyntheticADE20KDataset', data_root=data_root, serialize_data=False,
                 data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'))
     for path, fraction in zip(split_files, (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)):
         by_fraction = DATASETS.build(dict(base, fraction=fraction))
@@ -172,7 +170,7 @@ def test_dataset_fraction_matches_split_files(tiny_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
-def test_published_shuffle_subset_is_the_seeded_shuffle_of_sorted_names(tiny_data):
+def test_published_shuffle_subset_is_the_seeded_shuffle_of_sorted_names(data_root):
     """The published mmseg-0.x rule, written out: sorted file names, random.seed(seed), random.shuffle, first n // k."""
     from segmentation.datasets import published_shuffle_subset
     names = [f'ADE_train_{i:08d}.jpg' for i in range(1, 20211)]
@@ -183,12 +181,12 @@ def test_published_shuffle_subset_is_the_seeded_shuffle_of_sorted_names(tiny_dat
     random.setstate(state)
     assert subset == reference[:20210 // 16] and len(subset) == 1263
     assert len(published_shuffle_subset(names, 1 / 4, seed=42)) == 20210 // 4  # 5052 (the nested rule keeps 5053)
-    dataset = _dataset(tiny_data, fraction=0.5, subset_rule='published_shuffle', subset_seed=3)
-    files = sorted(os.listdir(osp.join(tiny_data, 'images', 'training')))
+    dataset = _dataset(data_root, fraction=0.5, subset_rule='published_shuffle', subset_seed=3)
+    files = sorted(os.listdir(osp.join(data_root, 'images', 'training')))
     expected = published_shuffle_subset(files, 0.5, seed=3)
     assert sorted(osp.basename(d['img_path']) for d in dataset.data_list) == sorted(expected)
     with pytest.raises(ValueError, match="subset_rule must be one of"):
-        _dataset(tiny_data, fraction=0.5, subset_rule='random')
+        _dataset(data_root, fraction=0.5, subset_rule='random')
 
 
 def _dataset(root, **kwargs):
@@ -200,10 +198,10 @@ def _dataset(root, **kwargs):
 
 
 @pytest.fixture
-def broken_data(tiny_data, tmp_path):
+def broken_data(data_root, tmp_path):
     import shutil
     root = str(tmp_path / 'broken')
-    shutil.copytree(tiny_data, root)
+    shutil.copytree(data_root, root)
     return root
 
 

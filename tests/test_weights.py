@@ -25,19 +25,10 @@ from backbones.loading import load_into_model
 from backbones.reading import read_weights
 from backbones.writing import write_hf, write_hf_native, write_into_chat
 
+from helpers import randomized
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'export_to_chat.py'
-
-
-def randomized(preset='internvit_tiny', seed=0, **overrides):
-    """A tiny model whose every parameter is random (norm weights and layer scales included)."""
-    torch.manual_seed(seed)
-    model = InternViT(preset, **overrides).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            one = name.endswith(('norm1.weight', 'norm2.weight', 'q_norm.weight', 'k_norm.weight'))
-            p.normal_(1.0 if one else 0.0, 0.3 if name.endswith(('ls1', 'ls2')) else 0.1)
-    return model
 
 
 def canonical(model):
@@ -268,9 +259,11 @@ def test_load_errors_name_tensors_shapes_and_source(rms):
     sd = canonical(rms)
     model = InternViT('internvit_tiny')
     missing = {k: v for k, v in sd.items() if k != 'encoder.layers.1.mlp.fc2.bias'}
-    with pytest.raises(WeightsError, match=r'ckpt\.pth: missing 1 tensors: encoder\.layers\.1\.mlp\.fc2\.bias'):
+    with pytest.raises(WeightsError, match=r'ckpt\.pth: 1 tensors of the model are missing from the checkpoint: '
+                                            r'encoder\.layers\.1\.mlp\.fc2\.bias'):
         load_into_model(model, missing, source='ckpt.pth')
-    with pytest.raises(WeightsError, match=r'unexpected 1 tensors: encoder\.layers\.0\.attn\.extra'):
+    with pytest.raises(WeightsError, match=r'1 tensors of the checkpoint are not in the model: '
+                                           r'encoder\.layers\.0\.attn\.extra'):
         load_into_model(model, {**sd, 'encoder.layers.0.attn.extra': torch.zeros(1)}, source='ckpt.pth')
     wrong = {**sd, 'encoder.layers.2.mlp.fc1.weight': torch.zeros(128, 64)}
     with pytest.raises(WeightsError, match=re.escape('encoder.layers.2.mlp.fc1.weight: checkpoint (128, 64) vs '
@@ -287,6 +280,32 @@ def test_load_errors_name_tensors_shapes_and_source(rms):
     assert torch.equal(shallow.encoder.layers[2].mlp.fc1.weight, sd['encoder.layers.2.mlp.fc1.weight'])
     # missing keys with strict=False: loaded what is there, logged the rest
     load_into_model(model, missing, source='ckpt.pth', strict=False)
+
+
+def test_one_mismatch_listing_names_counts_and_both_shapes():
+    """backbones.loading.compare_state_dicts / describe: the listing every strict load uses (backbone, runners,
+    resume, probe heads)."""
+    from backbones.loading import compare_state_dicts, describe_mismatch
+    expected = {f'layers.{i}.w': torch.zeros(2, 3) for i in range(12)} | {'_extra_state': torch.zeros(7)}
+    found = {f'layers.{i}.w': torch.zeros(3, 3) for i in range(1, 12)} | {'extra': torch.zeros(1),
+                                                                           '_extra_state': torch.zeros(9)}
+    mismatch = compare_state_dicts(found, expected)
+    assert mismatch.missing == ['layers.0.w'] and mismatch.unexpected == ['extra']
+    assert len(mismatch.misshaped) == 11 and '_extra_state' not in mismatch.misshaped  # metadata of any length
+    lines = mismatch.describe()
+    assert lines == ['1 tensors of the model are missing from the checkpoint: layers.0.w',
+                     '1 tensors of the checkpoint are not in the model: extra',
+                     '11 tensors have another shape: layers.1.w: checkpoint (3, 3) vs model (2, 3); '
+                     'layers.2.w: checkpoint (3, 3) vs model (2, 3); layers.3.w: checkpoint (3, 3) vs model (2, 3); '
+                     'layers.4.w: checkpoint (3, 3) vs model (2, 3); layers.5.w: checkpoint (3, 3) vs model (2, 3) '
+                     'and 6 more']
+    renamed = describe_mismatch(found, expected, shown=1, rename=lambda k: 'file/' + k, found_as='source',
+                                expected_as='chat')
+    assert renamed[0] == '1 tensors of the chat are missing from the source: file/layers.0.w'
+    assert renamed[2] == '11 tensors have another shape: file/layers.1.w: source (3, 3) vs chat (2, 3) and 10 more'
+    shapes = {k: v.shape for k, v in expected.items()}  # names -> torch.Size works as the expected side too
+    assert compare_state_dicts(found, shapes) == mismatch
+    assert not compare_state_dicts(expected, shapes) and describe_mismatch(expected, expected) == []
 
 
 def test_pretrained_errors(tmp_path, rms):
@@ -352,7 +371,7 @@ def test_write_refuses_existing_dir_and_overwrites_atomically(tmp_path, rms):
     with pytest.raises(FileExistsError, match=f'{re.escape(str(out))} already exists; pass overwrite=True'):
         write_hf(sd, rms.arch, out)
     assert (out / 'keep.txt').read_text() == 'old'
-    with pytest.raises(WeightsError, match='shape mismatch'):  # a failed write leaves the old dir untouched
+    with pytest.raises(WeightsError, match='another shape'):  # a failed write leaves the old dir untouched
         write_hf({**sd, 'encoder.layers.0.ls1': torch.zeros(3)}, rms.arch, out, overwrite=True)
     assert (out / 'keep.txt').read_text() == 'old'
     write_hf(sd, rms.arch, out, overwrite=True)
@@ -501,7 +520,7 @@ def test_export_to_chat_hf_dir_errors_and_overwrite(tmp_path, rms, capsys):
     chat = make_chat(tmp_path / 'chat', InternViT('internvit_tiny', mlp_dim=128))
     assert tool.main([str(src), str(tmp_path / 'x'), '--into-chat', str(chat), '--num-heads', '4']) == 2
     err = capsys.readouterr().err
-    assert 'vision_model.encoder.layers.0.mlp.fc1.weight: source (256, 64) vs chat (128, 64)' in err
+    assert 'vision_model.encoder.layers.0.mlp.fc1.weight: source (256, 64) vs chat vision model (128, 64)' in err
     assert not (tmp_path / 'x').exists()
     # never in place
     assert tool.main([str(src), str(chat), '--into-chat', str(chat), '--overwrite', '--num-heads', '4']) == 2
@@ -561,7 +580,7 @@ def test_build_and_load_refuses_a_partial_checkpoint_without_leaving_meta_tensor
     from backbones.loading import build_and_load
     sd = canonical(ln)
     del sd['encoder.layers.0.ls1']
-    with pytest.raises(WeightsError, match=r'missing 1 tensors: encoder\.layers\.0\.ls1'):
+    with pytest.raises(WeightsError, match=r'missing from the checkpoint: encoder\.layers\.0\.ls1'):
         build_and_load(lambda: InternViT(ln.arch), sd, source='partial')
     with pytest.raises(WeightsError, match=r'not in the checkpoint: encoder\.layers\.0\.ls1'):
         build_and_load(lambda: InternViT(ln.arch), sd, source='partial', strict=False)
