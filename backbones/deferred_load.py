@@ -14,8 +14,10 @@ model (strictly, as an eager load would) without reading any tensor; ``range_rea
 elements (safetensors: a view of the memory-mapped file, so only those pages are read; ``.pth``: a memory-mapped
 load, the tensor copied out). Without ``pretrained`` the random initialisation an eager build would do is drawn at
 once, in the same order (the random stream goes on as after an eager build, so the heads built next get the same
-values), and replayed per parameter when asked (``RandomInitReplay``). Either way the values are those of an eager
-build, cast to the parameter's dtype. ``materialize`` fills a module's tensors whole (tests, small modules).
+values), and replayed per parameter when asked (``RandomInitReplay``). A ``load_state_dict`` into the deferred
+backbone (a runner's ``load_from``) replaces the values it gives (``LoadedTensors``). Either way the values are those
+an eager build and load give, cast to the parameter's dtype. ``materialize`` fills a module's tensors whole (tests,
+small modules).
 """
 from __future__ import annotations
 
@@ -116,11 +118,27 @@ class CheckpointReader:
     def read_range(self, name: str, shape: tuple, start: int, stop: int) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor ``name`` as the model of ``shape`` takes it. From a
         safetensors file only the pages of that range are read (a view of the memory-mapped file)."""
-        value = self.read([name])[name]
-        if name == POS_KEY and tuple(value.shape) != shape:
-            side = round((shape[1] - 1) ** 0.5)
-            value = resample_pos_embed(value.float(), (side, side))
-        return value.reshape(-1)[start:stop]
+        return _flat_range(name, self.read([name])[name], shape, start, stop)
+
+
+def _flat_range(name: str, value: torch.Tensor, shape: tuple, start: int, stop: int) -> torch.Tensor:
+    if name == POS_KEY and tuple(value.shape) != shape:
+        side = round((shape[1] - 1) ** 0.5)
+        value = resample_pos_embed(value.float(), (side, side))
+    return value.reshape(-1)[start:stop]
+
+
+class LoadedTensors:
+    """Tensors loaded into a deferred backbone with ``load_state_dict`` (e.g. a runner's ``load_from``): they are its
+    values now; a tensor the load did not give still comes from ``fallback`` (the previous source)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], fallback):
+        self.tensors, self.fallback = dict(tensors), fallback
+
+    def read_range(self, name: str, shape: tuple, start: int, stop: int) -> torch.Tensor:
+        if name not in self.tensors:
+            return self.fallback.read_range(name, shape, start, stop)
+        return _flat_range(name, self.tensors[name], shape, start, stop)
 
 
 class RandomInitReplay:
@@ -215,8 +233,23 @@ def defer(backbone: nn.Module, path: str | None, init_steps: Iterable[tuple[str,
         check_state_dict(backbone, source.meta_state_dict(), source=str(path), strict=True)  # names and shapes
     else:
         source = RandomInitReplay(backbone, init_steps)
+    _set_source(backbone, source)
+    backbone.register_load_state_dict_pre_hook(_take_loaded_tensors)
+
+
+def _set_source(backbone: nn.Module, source) -> None:
     for name, module in backbone.named_modules():
         _OWNERS[module] = (source, name)
+
+
+def _take_loaded_tensors(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str, *args) -> None:
+    """``load_state_dict`` into a backbone still on the meta device (names and shapes are checked by it, the copy
+    itself does nothing there): the loaded tensors become the values its ranks will write."""
+    if not any(p.is_meta for p in backbone.parameters()):
+        return
+    tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if tensors:
+        _set_source(backbone, LoadedTensors(tensors, _OWNERS[backbone][0]))
 
 
 def _own_tensors(module: nn.Module) -> Mapping[str, torch.Tensor]:

@@ -81,22 +81,25 @@ class InternViTDeepSpeedStrategy(DeferredBackboneStrategy, DeepSpeedStrategy):
     """``DeepSpeedStrategy`` (ZeRO-3) whose InternViT backbones start on the meta device and are partitioned and
     filled per parameter (see the module docstring). Same arguments as ``DeepSpeedStrategy``."""
 
-    def _init_model_weights(self, model: nn.Module) -> nn.Module:
-        model = super()._init_model_weights(model)
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        # Here, not earlier: load_from is loaded into the bare model just before wrapping (mm_adapter.strict_loading),
+        # and a load into the deferred backbone only redirects where its partitions are read from.
         if any(p.is_meta for p in model.parameters()):
-            # before the optimizer is built over the parameters (deepspeed.initialize converts them in place; here
-            # the meta parameters are replaced by new ones)
             stage = self.config.get('zero_optimization', {}).get('stage', 0)
             if stage != 3:
                 raise ValueError(f'InternViTDeepSpeedStrategy partitions the backbone as ZeRO-3 does; the config has '
                                  f'zero_optimization.stage={stage}: use stage 3, or DeepSpeedStrategy')
-            partition_for_zero3(model, self.config)
-        return model
+            replaced = partition_for_zero3(model, self.config)
+            if hasattr(self, 'optim_wrapper'):  # built over the meta parameters, which are replaced now
+                for group in self.optim_wrapper.optimizer.param_groups:
+                    group['params'] = [replaced.get(id(p), p) for p in group['params']]
+        return super()._wrap_model(model)
 
 
-def partition_for_zero3(model: nn.Module, config: dict) -> None:
+def partition_for_zero3(model: nn.Module, config: dict) -> dict[int, nn.Parameter]:
     """Make every parameter of ``model`` a ZeRO-3 parameter, as ``deepspeed.initialize`` would (see the module
-    docstring); deferred ones are written partition by partition, never whole."""
+    docstring); deferred ones are written partition by partition, never whole. Returns id(meta parameter) -> the
+    parameter that replaced it."""
     import deepspeed
     import torch
     init = deepspeed.zero.Init(config_dict_or_path=config)  # not entered: its converter is used directly
@@ -106,13 +109,17 @@ def partition_for_zero3(model: nn.Module, config: dict) -> None:
     # A model with ZeRO-3 parameters counts as built under zero.Init: DeepSpeed then neither casts it to the
     # fp16/bf16 of the config nor moves it to the device, so both are done here (parameters only are cast, as there).
     half = init.dtype if init.dtype in (torch.float16, torch.bfloat16) else None
+    replaced = {}
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(init.local_device)
         for param in module.parameters(recurse=False):
             if half is not None and param.is_floating_point():
                 param.data = param.data.to(half)  # meta ones stay meta
-        allocate(module, init.local_device)  # the deferred ones: allocated, not written
+        before = dict(module.named_parameters(recurse=False))
+        allocate(module, init.local_device)  # the deferred ones: allocated (new parameters), not written
+        replaced.update({id(before[name]): param for name, param in module.named_parameters(recurse=False)
+                         if param is not before[name]})
         for param in module.parameters(recurse=False):
             if pending_value(param) is None:
                 param.data = param.data.to(init.local_device)
@@ -129,3 +136,4 @@ def partition_for_zero3(model: nn.Module, config: dict) -> None:
                 if count:
                     part[:count].copy_(read(start, start + count))
             written(param)
+    return replaced

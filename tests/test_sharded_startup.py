@@ -100,6 +100,33 @@ def test_deferred_random_init_equals_an_eager_build_and_continues_the_random_str
         assert torch.equal(value, expected[name]), name
 
 
+def test_a_load_into_a_deferred_backbone_gives_it_the_loaded_values(tmp_path):
+    """What a runner's load_from does before a sharded start-up wraps the model: load_state_dict into the meta backbone
+    checks names and shapes, and the loaded tensors are what its ranks then write (a partial load keeps the rest)."""
+    torch.manual_seed(0)
+    loaded = InternViT('internvit_tiny', depth=2, img_size=56).state_dict()
+    path = str(tmp_path / 'pretrained.safetensors')
+    save_file({k: torch.randn_like(v) for k, v in loaded.items()}, path)
+    for pretrained in (None, path):
+        with deferred_loading():
+            model = InternViT('internvit_tiny', depth=2, img_size=56, pretrained=pretrained)
+        with pytest.raises(RuntimeError, match='size mismatch for embeddings.class_embedding'):
+            model.load_state_dict({**loaded, 'embeddings.class_embedding': torch.zeros(1, 1, 3)})
+        model.load_state_dict(loaded)
+        assert all(p.is_meta for p in model.parameters())
+        materialize_all(model)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, loaded[name]), (pretrained, name)
+    with deferred_loading():
+        model = InternViT('internvit_tiny', depth=2, img_size=56, pretrained=path)
+    model.load_state_dict({'encoder.layers.0.ls1': loaded['encoder.layers.0.ls1']}, strict=False)
+    materialize_all(model)
+    expected = InternViT('internvit_tiny', depth=2, img_size=56, pretrained=path).state_dict()
+    expected['encoder.layers.0.ls1'] = loaded['encoder.layers.0.ls1']
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_sharded_startup_refuses_an_init_cfg_that_would_load_the_backbone():
     from segmentation.sharded_startup import _refuse_init_cfg_over
     model = torch.nn.Module()
