@@ -245,9 +245,9 @@ class InternViT(nn.Module):
 
         target = torch.get_default_device()
         if target.type != 'meta' and loading_is_deferred():
-            # A sharded start-up (segmentation.fsdp.InternViTFSDPStrategy) writes each rank's shard from the file,
-            # or from the random initialisation drawn here as an eager build draws it: the backbone stays on meta
-            # until then (backbones.deferred_load).
+            # A sharded start-up (segmentation.sharded_startup: FSDP, DeepSpeed ZeRO-3) writes each rank's shard
+            # from the file, or from the random initialisation drawn here as an eager build draws it: the backbone
+            # stays on meta until then (backbones.deferred_load).
             with torch.device('meta'):
                 self._build_modules(drop_path_rate, attn_impl)
             defer(self, pretrained, self._init_steps())
