@@ -10,7 +10,8 @@ import contextlib
 import logging
 import math
 from dataclasses import asdict, replace
-from typing import Iterable
+from functools import partial
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,12 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -65,6 +70,11 @@ class Embeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(arch.in_chans, arch.embed_dim, arch.patch_size, arch.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + arch.grid_size ** 2, arch.embed_dim))
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def reset_parameters(self) -> None:
+        """The constructor's values of this module's own parameters (``InternViT`` then draws them)."""
+        nn.init.zeros_(self.class_embedding)
+        nn.init.zeros_(self.position_embedding)
 
     def position_embedding_for(self, grid_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Position embeddings for a grid, cached per grid for a frozen embedding (``requires_grad=False``).
@@ -166,6 +176,12 @@ class Block(nn.Module):
         self.mlp = MLP(arch)
         self.ls2 = nn.Parameter(torch.full((arch.embed_dim,), float(arch.layer_scale_init)))
         self.drop_path = DropPath(drop_path)
+        self.layer_scale_init = float(arch.layer_scale_init)
+
+    def reset_parameters(self) -> None:
+        """The constructor's values of this module's own parameters (the layer scales; children reset themselves)."""
+        nn.init.constant_(self.ls1, self.layer_scale_init)
+        nn.init.constant_(self.ls2, self.layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)) * self.ls1)
@@ -228,12 +244,13 @@ class InternViT(nn.Module):
                              f'pretrained=PATH, which is loaded and checked at construction')
 
         target = torch.get_default_device()
-        if pretrained is not None and target.type != 'meta' and loading_is_deferred():
-            # A sharded start-up (segmentation.fsdp.InternViTFSDPStrategy) fills each unit from the file while
-            # wrapping: the backbone stays on meta until then (backbones.deferred_load).
+        if target.type != 'meta' and loading_is_deferred():
+            # A sharded start-up (segmentation.sharded_startup: FSDP, DeepSpeed ZeRO-3) writes each rank's shard
+            # from the file, or from the random initialisation drawn here as an eager build draws it: the backbone
+            # stays on meta until then (backbones.deferred_load).
             with torch.device('meta'):
                 self._build_modules(drop_path_rate, attn_impl)
-            defer(self, pretrained)
+            defer(self, pretrained, self._init_steps())
         elif pretrained is not None and target.type != 'meta':
             # Built without initializing (a 6B model's random init takes minutes and the strict load overwrites
             # every tensor); each tensor is then allocated once, in the compute dtype, from the checkpoint.
@@ -279,16 +296,23 @@ class InternViT(nn.Module):
             out.append(j)
         return out
 
+    def _init_steps(self) -> Iterator[tuple[str, Callable[[torch.Tensor], object]]]:
+        """The random initialisation after construction, in order: (parameter name, in-place initialiser)."""
+        trunc_normal = partial(nn.init.trunc_normal_, std=0.02)
+        yield 'embeddings.position_embedding', trunc_normal
+        yield 'embeddings.class_embedding', trunc_normal
+        for name, module in self.encoder.named_modules(prefix='encoder'):
+            if isinstance(module, nn.Linear):
+                yield f'{name}.weight', trunc_normal
+                if module.bias is not None:
+                    yield f'{name}.bias', nn.init.zeros_
+
     def _init_parameters(self):
         if self.embeddings.position_embedding.is_meta:
             return
-        nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
-        nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
-        for module in self.encoder.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        parameters = dict(self.named_parameters())
+        for name, initialise in self._init_steps():
+            initialise(parameters[name])
 
     def _apply_dtype_and_freeze(self):
         if self.compute_dtype is not None:

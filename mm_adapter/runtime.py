@@ -127,7 +127,7 @@ def adapt_to_cpu(cfg: Config) -> None:
     for path, backbone in _half_backbones(cfg.get('model', {})):
         _note(f'No CUDA: {path}.dtype {backbone["dtype"]} -> float32 (plain fp32 on the CPU)')
         backbone['dtype'] = None
-    if _strategy_type(cfg) == 'DeepSpeedStrategy':
+    if _strategy_type(cfg) in ('DeepSpeedStrategy', 'InternViTDeepSpeedStrategy'):
         skip_deepspeed_shm_comm_op()
     if cfg.get('launcher', 'none') != 'none':
         env = cfg.setdefault('env_cfg', {})

@@ -10,6 +10,8 @@ them up without scope):
   ``ResizeShortSide`` (the published test resize);
 - ``PolyLRWithLinearWarmup``: mmcv 1.x's poly lr policy with linear warm-up, as the published recipes ran it;
 - ``InternViTBlockFSDP`` (model wrapper): FSDP with one shard unit per InternViT block, blocks in bf16;
+- strategies ``InternViTFSDPStrategy`` and ``InternViTDeepSpeedStrategy`` (ZeRO-3): start-up with the backbone on the
+  meta device, each rank writing only its shards (``sharded_startup``);
 - ``IoUTableMetric``: mmseg's IoUMetric + the per-class table as CSV/JSON next to the log;
 - hooks ``SegOverlayHook`` (prediction overlays as PNG) and ``RankConsistencyHook``;
 - the published segmentor layout (``published_layout``), registered with strict loading (``mm_adapter``).
@@ -26,7 +28,7 @@ from .datasets import (  # noqa: E402
     SyntheticADE20KDataset,
     few_shot_subset,
 )
-from .fsdp import InternViTBlockFSDP  # noqa: E402
+from .fsdp import InternViTBlockFSDP, InternViTFSDPStrategy  # noqa: E402
 from .heads import LinearBNHead  # noqa: E402
 from .hooks import RankConsistencyHook, SegOverlayHook  # noqa: E402
 from .layer_decay import InternViTLayerDecayOptimizerConstructor, internvit_layer_id  # noqa: E402
@@ -34,6 +36,7 @@ from .metrics import IoUTableMetric  # noqa: E402
 from .neck import ViTFeaturePyramid  # noqa: E402
 from .published_layout import to_project_names  # noqa: E402
 from .schedules import PolyLRWithLinearWarmup  # noqa: E402
+from .sharded_startup import InternViTDeepSpeedStrategy  # noqa: E402
 
 register_converter(to_project_names)  # strict loading reads the published segmentor layout too
 
@@ -43,5 +46,5 @@ trust_checkpoints_in(None)
 
 __all__ = ['ViTFeaturePyramid', 'LinearBNHead', 'InternViTLayerDecayOptimizerConstructor', 'internvit_layer_id',
            'CheckedADE20KDataset', 'SyntheticADE20KDataset', 'LoadAndCheckAnnotations', 'few_shot_subset',
-           'InternViTBlockFSDP', 'SegOverlayHook', 'RankConsistencyHook', 'ResizeShortSide', 'PolyLRWithLinearWarmup',
-           'IoUTableMetric']
+           'InternViTBlockFSDP', 'InternViTFSDPStrategy', 'InternViTDeepSpeedStrategy', 'SegOverlayHook',
+           'RankConsistencyHook', 'ResizeShortSide', 'PolyLRWithLinearWarmup', 'IoUTableMetric']

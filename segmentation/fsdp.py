@@ -14,14 +14,17 @@ moves it there: each block becomes ``FSDP(CheckpointWrapper(Block))`` and the ba
 runs on the CPU (gloo), which is what the tests use.
 
 Start-up in bounded host memory: ``strategy = dict(type='InternViTFSDPStrategy', ...)`` builds the model with the
-InternViT backbone on the meta device (``backbones.deferred_load``); FSDP then allocates one unit at a time, fills it
-from the ``pretrained`` checkpoint (only that unit's tensors are read) and shards it before the next, so a rank holds
-its shard plus one block instead of the whole fp32 model and the whole checkpoint. Neck and heads are built and
-initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up. It also resumes
+InternViT backbone on the meta device (``segmentation.sharded_startup``, ``backbones.deferred_load``). FSDP allocates
+each unit's tensors without writing them (``param_init_fn``), makes the unit's flat parameter without values (FSDP1
+would otherwise concatenate the whole unit, writing it all) and keeps this rank's shard; then each rank writes only
+the elements of its shard, read from the memory-mapped ``pretrained`` checkpoint or from the replayed random
+initialisation. A rank so holds its shards plus one parameter's read, never a whole unit. Neck and heads are built
+and initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up. It also resumes
 (``--resume``), which MMEngine 0.10.7's ``FSDPStrategy`` cannot with current torch (see ``load_optim_state_dict``).
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Optional
 
@@ -37,13 +40,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 from torch.distributed.fsdp import BackwardPrefetch, FullyShardedDataParallel, MixedPrecision, ShardingStrategy
+from torch.distributed.fsdp._flat_param import FlatParameter, FlatParamHandle
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from backbones.deferred_load import deferred_loading, materialize
+from backbones.deferred_load import allocate, fill, pending_value, range_reader
 from backbones.dtypes import as_dtype
 from backbones.internvit import Block, InternViT
 
 from ._registry import register_everywhere
+from .sharded_startup import DeferredBackboneStrategy
 
 
 def block_wrap_policy(block_param_dtype=torch.bfloat16) -> CustomPolicy:
@@ -53,6 +58,51 @@ def block_wrap_policy(block_param_dtype=torch.bfloat16) -> CustomPolicy:
         overrides['mixed_precision'] = MixedPrecision(param_dtype=block_param_dtype, reduce_dtype=torch.float32,
                                                       buffer_dtype=torch.float32, cast_forward_inputs=True)
     return CustomPolicy(lambda module: (overrides or True) if isinstance(module, Block) else False)
+
+
+@contextlib.contextmanager
+def _flat_parameters_without_values():
+    """While FSDP wraps a deferred model: a unit whose tensors are all pending (``backbones.deferred_load.allocate``)
+    gets its flat parameter without values (FSDP1 would concatenate the whole unit into a new tensor, writing all of
+    it, before keeping this rank's shard); ``_write_deferred_shards`` writes the shard afterwards. A unit that mixes
+    pending and ordinary tensors (the root: embeddings with neck and heads) gets its pending values first."""
+    original = FlatParamHandle.flatten_tensors_into_flat_param
+
+    def flatten_tensors_into_flat_param(handle, tensors, aligned_numel, requires_grad):
+        pending = [pending_value(t) is not None for t in tensors]
+        if all(pending):
+            layout = handle.flatten_tensors([torch.empty_like(t, device='meta') for t in tensors], aligned_numel)
+            flat = FlatParameter(torch.empty(layout.shape, dtype=layout.dtype, device=tensors[0].device),
+                                 requires_grad=requires_grad)
+            flat._deferred_readers = [range_reader(t) for t in tensors]  # in the order of its parameter infos
+            return flat
+        for tensor, is_pending in zip(tensors, pending):
+            if is_pending:
+                fill(tensor)
+        return original(handle, tensors, aligned_numel, requires_grad)
+
+    FlatParamHandle.flatten_tensors_into_flat_param = flatten_tensors_into_flat_param
+    try:
+        yield
+    finally:
+        FlatParamHandle.flatten_tensors_into_flat_param = original
+
+
+@torch.no_grad()
+def _write_deferred_shards(root: FullyShardedDataParallel) -> None:
+    """Write each rank's shard of every flat parameter made without values: for each original parameter, the elements
+    of its flattened value that lie in this rank's shard (padding: zeros)."""
+    for unit in FullyShardedDataParallel.fsdp_modules(root):
+        flat = unit._handle.flat_param if unit._handle is not None else None
+        readers = getattr(flat, '_deferred_readers', None)
+        if readers is None:
+            continue
+        flat.zero_()
+        for read, info in zip(readers, flat._shard_param_infos, strict=True):
+            if info.in_shard:
+                flat[info.offset_in_shard:info.offset_in_shard + info.numel_in_shard].copy_(
+                    read(info.intra_param_start_idx, info.intra_param_end_idx + 1))
+        del flat._deferred_readers
 
 
 @register_everywhere('MODEL_WRAPPERS')
@@ -79,17 +129,21 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
                              'original parameter names)')
         if not torch.cuda.is_available():
             device_id = torch.device('cpu')
-        if any(p.is_meta for p in module.parameters()):  # built by InternViTFSDPStrategy: fill unit by unit
+        deferred = any(p.is_meta for p in module.parameters())  # built by InternViTFSDPStrategy
+        if deferred:
             device = device_id if isinstance(device_id, torch.device) else torch.device('cuda', device_id or 0)
-            kwargs.setdefault('param_init_fn', partial(materialize, device=device))
+            kwargs.setdefault('param_init_fn', partial(allocate, device=device))
         # MMFullyShardedDataParallel.__init__ only converts config strings and refuses policy objects, so the
         # FSDP constructor is called directly with converted arguments.
-        FullyShardedDataParallel.__init__(
-            self, module=module,
-            sharding_strategy=ShardingStrategy[sharding_strategy],
-            backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
-            auto_wrap_policy=block_wrap_policy(as_dtype(block_param_dtype)),
-            device_id=device_id, use_orig_params=True, **kwargs)
+        with _flat_parameters_without_values() if deferred else contextlib.nullcontext():
+            FullyShardedDataParallel.__init__(
+                self, module=module,
+                sharding_strategy=ShardingStrategy[sharding_strategy],
+                backward_prefetch=BackwardPrefetch[backward_prefetch] if backward_prefetch else None,
+                auto_wrap_policy=block_wrap_policy(as_dtype(block_param_dtype)),
+                device_id=device_id, use_orig_params=True, **kwargs)
+        if deferred:
+            _write_deferred_shards(self)
         self._checkpoint_inside_units()
 
     def _checkpoint_inside_units(self) -> None:
@@ -105,19 +159,10 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
 
 
 @STRATEGIES.register_module(force=True)
-class InternViTFSDPStrategy(FSDPStrategy):
-    """``FSDPStrategy`` whose InternViT backbones (with ``pretrained``) start on the meta device and are loaded unit
-    by unit while ``InternViTBlockFSDP`` shards them (see the module docstring). Same arguments as
-    ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP`` (or pass ``param_init_fn`` yourself)."""
-
-    def build_model(self, model):
-        with deferred_loading():
-            model = super().build_model(model)
-        deferred = sum(p.numel() for p in model.parameters() if p.is_meta)
-        if deferred:
-            print_log(f'InternViTFSDPStrategy: {deferred:,} backbone parameters on the meta device, loaded per '
-                      f'shard unit while wrapping', logger='current')
-        return model
+class InternViTFSDPStrategy(DeferredBackboneStrategy, FSDPStrategy):
+    """``FSDPStrategy`` whose InternViT backbones start on the meta device, each rank writing only its shards while
+    ``InternViTBlockFSDP`` wraps them (see the module docstring and ``segmentation.sharded_startup``). Same arguments
+    as ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP``."""
 
     def optim_state_dict(self) -> dict:
         state = super().optim_state_dict()
@@ -133,22 +178,3 @@ class InternViTFSDPStrategy(FSDPStrategy):
             self.model, self.optim_wrapper.optimizer, state_dict))
         if base_param_settings is not None:
             self.optim_wrapper.base_param_settings = base_param_settings
-
-    def _init_model_weights(self, model: nn.Module) -> nn.Module:
-        # MMEngine's version reads every parameter (init_weights records their means) and broadcasts them from rank
-        # 0; the deferred backbones have no values yet (each rank reads them from the same file while wrapping), so
-        # they are set aside meanwhile. InternViT's own init_weights does nothing (weights are set at construction).
-        deferred = [name for name, m in model.named_modules()
-                    if isinstance(m, InternViT) and any(p.is_meta for p in m.parameters())]
-        if '' in deferred:
-            return model  # the model is the backbone itself: nothing else to initialise
-        parents = [model.get_submodule(name.rpartition('.')[0]) for name in deferred]
-        children = [name.rpartition('.')[2] for name in deferred]
-        backbones = [parent._modules[child] for parent, child in zip(parents, children)]
-        for parent, child in zip(parents, children):
-            parent._modules[child] = nn.Module()
-        try:
-            return super()._init_model_weights(model)
-        finally:
-            for parent, child, backbone in zip(parents, children, backbones):
-                parent._modules[child] = backbone

@@ -139,7 +139,7 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         rows = [f'Layer-wise lr decay: {num_layers} layers, rate {rate}, {len(groups)} parameter groups',
                 f'{"layer":>6} {"lr scale":>10} {"lr":>10} {"wd":>6} {"tensors":>8} {"params":>12}  example']
         for g in groups:
-            count = sum(p.numel() for p in g['params'])
+            count = sum(getattr(p, 'ds_numel', p.numel()) for p in g['params'])  # ZeRO-3: whole size
             rows.append(f'{g["layer_id"]:>6} {g["lr_scale"]:>10.4g} {g["lr"]:>10.3g} {g["weight_decay"]:>6.3g} '
                         f'{len(g["params"]):>8} {count:>12,}  {g["param_names"][0]}')
         return '\n'.join(rows)

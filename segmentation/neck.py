@@ -82,6 +82,8 @@ class ViTFeaturePyramid(BaseModule):
 
     def init_weights(self):
         super().init_weights()
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            return  # loaded by super(): a fresh initialisation must not overwrite it
         for module in self.modules():
             if isinstance(module, nn.ConvTranspose2d):
                 # nn.ConvTranspose2d weights are [in, out/groups, kh, kw]; fan_out counts the outputs per group.

@@ -1,6 +1,7 @@
-"""DeepSpeed end to end on the CPU: MMEngine's FlexibleRunner + DeepSpeedStrategy (ZeRO-3) with 2 gloo processes
-through tools/dist_train.sh, resumed from DeepSpeed's own checkpoint folder, then the gathered weights file exported
-with tools/export_to_chat.py. The trained weights are compared with one fp32 process doing the same updates."""
+"""DeepSpeed end to end on the CPU: MMEngine's FlexibleRunner + InternViTDeepSpeedStrategy (ZeRO-3, the backbone
+partitioned at start-up from its pretrained file) with 2 gloo processes through tools/dist_train.sh, resumed from
+DeepSpeed's own checkpoint folder, then the gathered weights file exported with tools/export_to_chat.py. The trained
+weights are compared with one fp32 process doing the same updates."""
 import json
 import os
 import os.path as osp
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 pytest.importorskip('deepspeed')
 
@@ -31,7 +33,7 @@ runner_type = 'FlexibleRunner'
 optim_wrapper = dict(_delete_=True, type='DeepSpeedOptimWrapper',
                      optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
                      constructor='InternViTLayerDecayOptimizerConstructor', paramwise_cfg=dict(layer_decay_rate=0.9))
-strategy = dict(type='DeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
+strategy = dict(type='InternViTDeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
                 zero_optimization=dict(stage=3, stage3_gather_16bit_weights_on_model_save=True))
 custom_hooks = [dict(type='FinalWeightsHook')]
 default_hooks = dict(checkpoint=dict(save_best=None))  # as the DeepSpeed config: see there
@@ -54,14 +56,18 @@ def test_deepspeed_zero3_two_processes_train_resume_export(tmp_path):
     data_root = make_tiny_dataset(str(tmp_path / 'synth'), num_train=8, num_val=1, size=112)
     config = write_config(tmp_path / 'deepspeed.py', DEEPSPEED)
     cfg = Config.fromfile(config)
-    # the starting weights come in through init_cfg (before ZeRO-3 partitions them): MMEngine's DeepSpeedStrategy
-    # reads load_from as a DeepSpeed checkpoint folder
     # (validation only at the end of the resumed run)
-    options = tiny_run_options(data_root, 2, batch_size=2, **{'model.init_cfg.type': 'Pretrained',
-                                                               'model.init_cfg.checkpoint': str(tmp_path / 'init.pth'),
-                                                               'train_cfg.val_interval': 3})
-    cfg.merge_from_dict({k: v for k, v in options.items() if not k.startswith('model.init_cfg')})
+    options = tiny_run_options(data_root, 2, batch_size=2, **{'train_cfg.val_interval': 3})
+    cfg.merge_from_dict(options)
     initial = save_initial_weights(cfg, tmp_path / 'init.pth')
+    # the starting weights: the backbone's as its pretrained file (partitioned by each rank at start-up), the rest
+    # through each module's init_cfg (MMEngine's DeepSpeedStrategy reads load_from as a DeepSpeed checkpoint folder)
+    save_file({k[len('backbone.'):]: v for k, v in initial.items() if k.startswith('backbone.')},
+              str(tmp_path / 'backbone.safetensors'))
+    options['model.backbone.pretrained'] = str(tmp_path / 'backbone.safetensors')
+    for module in ('neck', 'decode_head', 'auxiliary_head'):
+        options.update({f'model.{module}.init_cfg.type': 'Pretrained', f'model.{module}.init_cfg.prefix': module + '.',
+                        f'model.{module}.init_cfg.checkpoint': str(tmp_path / 'init.pth')})
     cfg.optim_wrapper.type = 'OptimWrapper'  # the single-process reference: the same optimizer without DeepSpeed
     work = tmp_path / 'work'
 

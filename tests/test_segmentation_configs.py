@@ -26,7 +26,7 @@ EXPECTED = {
     'internvit_6b_upernet_full_ade20k_504_80k_fsdp': ('internvit_6b_224', [11, 23, 35, 47], False, 0.4, 0.95, 0.05,
                                                       'InternViTFSDPStrategy'),
     'internvit_6b_upernet_full_ade20k_504_80k_deepspeed': ('internvit_6b_224', [11, 23, 35, 47], False, 0.4, 0.95,
-                                                           0.05, 'DeepSpeedStrategy'),
+                                                           0.05, 'InternViTDeepSpeedStrategy'),
     'internvit_300m_linear_frozen_ade20k_504_80k': ('internvit_300m_448', [23], True, 0.0, 1.0, 0.0, 'Runner'),
     'internvit_300m_upernet_frozen_ade20k_504_80k': ('internvit_300m_448', [5, 11, 17, 23], True, 0.0, 1.0, 0.05,
                                                      'Runner'),
@@ -95,7 +95,7 @@ def test_backbone_builds_on_meta_as_published(name):
         assert cfg.strategy.model_wrapper.type == 'InternViTBlockFSDP'
         assert cfg.strategy.model_wrapper.block_param_dtype == 'bfloat16'
         assert sum(isinstance(m, Block) for m in model.modules()) == PRESETS[preset].depth  # FSDP units
-    if runner == 'DeepSpeedStrategy':
+    if runner == 'InternViTDeepSpeedStrategy':
         assert cfg.strategy.zero_optimization.stage == 3 and cfg.strategy.bf16.enabled
         # regular checkpoints are DeepSpeed folders; the hook writes an exportable plain file at the end, which
         # MMEngine's DeepSpeedStrategy can only do with ZeRO-3's 16-bit gathering on save

@@ -1,5 +1,5 @@
 """Distributed training through tools/dist_train.sh (torchrun + tools/train.py) with 2 gloo processes on the CPU:
-DDP, and FSDP (FlexibleRunner + FSDPStrategy + InternViTBlockFSDP, bf16 blocks, activation checkpointing)."""
+DDP, and FSDP (FlexibleRunner + InternViTFSDPStrategy + InternViTBlockFSDP, bf16 blocks, activation checkpointing)."""
 import os
 import os.path as osp
 import re
@@ -135,7 +135,7 @@ def test_ddp_two_gloo_processes_match_a_single_process_reference(data_root, tmp_
 def test_fsdp_two_gloo_processes_train_and_save_a_full_checkpoint(data_root, tmp_path):
     config = write_config(tmp_path / 'fsdp.py', '''
 runner_type = 'FlexibleRunner'
-strategy = dict(type='FSDPStrategy', state_dict_cfg='full',
+strategy = dict(type='InternViTFSDPStrategy', state_dict_cfg='full',  # load_from lands in the meta backbone
                 model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bf16'))
 model = dict(backbone=dict(grad_checkpointing=True))
 ''')

@@ -1,20 +1,27 @@
-"""Host memory of an FSDP start-up per rank: today's (full model on every rank) vs the sharded one (meta device).
+"""Host memory of a full-tuning start-up per rank: today's (full model on every rank) vs the sharded one (meta device).
 
-    python tools/benchmark_startup.py --preset internvit_300m_448                       # 300M, 2 gloo ranks
+    python tools/benchmark_startup.py --preset internvit_300m_448                       # 300M, FSDP, 2 gloo ranks
     python tools/benchmark_startup.py --preset internvit_6b_224 --depth 4 --img-size 224   # 6B width, 4 blocks
+    python tools/benchmark_startup.py --engine deepspeed ...  # DeepSpeed ZeRO-3 instead of FSDP
+    python tools/benchmark_startup.py --random-init ...       # no pretrained checkpoint: random initialisation
     python tools/benchmark_startup.py --config CONFIG ...    # a config's whole model (neck, heads) around the backbone
 
-Writes a random checkpoint of the model (safetensors, ``--checkpoint-dtype``; or uses ``--checkpoint``), then for
-each strategy starts ``--world-size`` processes (gloo, CPU) that do what ``FlexibleRunner`` does before training:
-build the model with ``pretrained=`` that checkpoint, initialise and broadcast, and wrap it with
-``InternViTBlockFSDP`` (one unit per block, bf16 blocks) under
+Writes a random checkpoint of the model (safetensors, ``--checkpoint-dtype``; or uses ``--checkpoint``; none with
+``--random-init``), then for each strategy starts ``--world-size`` processes (gloo, CPU) that do what
+``FlexibleRunner`` does before training: build the model with ``pretrained=`` that checkpoint, initialise and
+broadcast, and wrap it -- ``--engine fsdp``: with ``InternViTBlockFSDP`` (one unit per block, bf16 blocks) under
 
   * ``today``: MMEngine's ``FSDPStrategy`` (every rank builds and loads the full fp32 model, then shards it);
-  * ``sharded``: ``InternViTFSDPStrategy`` (backbone on the meta device, each unit loaded and sharded in turn).
+  * ``sharded``: ``InternViTFSDPStrategy`` (backbone on the meta device, each rank writes only its shards);
+
+``--engine deepspeed``: with ``deepspeed.initialize`` (ZeRO-3, fp32, no optimizer: its fp32 partition copies are
+training state, not start-up) under ``today``: MMEngine's ``DeepSpeedStrategy``, ``sharded``:
+``InternViTDeepSpeedStrategy`` (backbone on the meta device, each rank writes only its partitions).
 
 Each rank reports its peak resident set size during start-up (``VmHWM`` after wrapping minus the resident size
 before building: imports and the Python/torch runtime are not counted), relative to the fp32 size of the whole model.
-``--save-states DIR`` also writes each strategy's full state dict after wrapping (rank 0), for comparing them.
+``--save-states DIR`` also writes each strategy's full state dict after wrapping (rank 0) as
+``DIR/<engine>_<strategy>.pth``, for comparing them.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ import tempfile
 import time
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-STRATEGIES = {'today': 'FSDPStrategy', 'sharded': 'InternViTFSDPStrategy'}
+STRATEGIES = {'fsdp': {'today': 'FSDPStrategy', 'sharded': 'InternViTFSDPStrategy'},
+              'deepspeed': {'today': 'DeepSpeedStrategy', 'sharded': 'InternViTDeepSpeedStrategy'}}
 GiB = 1024 ** 3
 
 
@@ -49,7 +57,7 @@ def peak_rss() -> int:
 
 
 def model_config(args) -> dict:
-    backbone = dict(type='InternViT', preset=args.preset, pretrained=args.checkpoint)
+    backbone = dict(type='InternViT', preset=args.preset, pretrained=None if args.random_init else args.checkpoint)
     backbone.update({k: getattr(args, k) for k in ('depth', 'img_size') if getattr(args, k)})
     if not args.config:
         return backbone
@@ -72,11 +80,16 @@ def worker(args) -> None:
     init_default_scope('mmseg')
     dist.init_process_group('gloo')
     rank = dist.get_rank()
+    if args.engine == 'fsdp':
+        engine = dict(model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bfloat16'))
+    else:
+        from mm_adapter.runtime import skip_deepspeed_shm_comm_op
+        skip_deepspeed_shm_comm_op()
+        engine = dict(zero_optimization=dict(stage=3), train_micro_batch_size_per_gpu=1)
     with tempfile.TemporaryDirectory() as work_dir:
         strategy = REGISTRY.build(dict(
-            type=STRATEGIES[args.strategy], work_dir=work_dir, env_kwargs=dict(launcher='pytorch'),
-            log_kwargs=dict(log_level='WARNING'),
-            model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bfloat16')))
+            type=STRATEGIES[args.engine][args.strategy], work_dir=work_dir, env_kwargs=dict(launcher='pytorch'),
+            log_kwargs=dict(log_level='WARNING'), **engine))
         before = current_rss()
         start = time.perf_counter()
         torch.manual_seed(0)  # the runner seeds every rank alike before building
@@ -89,23 +102,41 @@ def worker(args) -> None:
         seconds = time.perf_counter() - start
         peak = peak_rss()
         stages['wrapped'] = (current_rss() - before, peak - before)
-    # the model's fp32 size: the sharded parameters add up to it over the ranks
-    numel = torch.tensor(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    dist.all_reduce(numel)
-    if args.save_states:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            state = model.state_dict()
-        if rank == 0:
-            torch.save(state, osp.join(args.save_states, f'{args.strategy}.pth'))
-    result = dict(strategy=args.strategy, rank=rank, seconds=seconds, deferred_parameters=deferred,
-                  rss_before=before, peak_rss=peak, model_fp32_bytes=int(numel.item()) * 4,
+    state, numel = full_state(model, args.engine, gather=bool(args.save_states))
+    if args.save_states and rank == 0:
+        torch.save(state, osp.join(args.save_states, f'{args.engine}_{args.strategy}.pth'))
+    result = dict(engine=args.engine, strategy=args.strategy, rank=rank, seconds=seconds, deferred_parameters=deferred,
+                  rss_before=before, peak_rss=peak, model_fp32_bytes=numel * 4,
                   rss_and_peak_increase_by_stage=stages)
     with open(osp.join(args.results, f'{args.strategy}_rank{rank}.json'), 'w') as f:
         json.dump(result, f)
     dist.destroy_process_group()
+
+
+def full_state(model, engine: str, gather: bool) -> tuple[dict | None, int]:
+    """(the full state dict on rank 0 if ``gather``, else None; the number of model parameters)."""
+    import torch
+    import torch.distributed as dist
+    if engine == 'deepspeed':
+        import deepspeed
+        params = list(model.parameters())
+        numel = sum(p.ds_numel for p in params)
+        if not gather:
+            return None, numel
+        with deepspeed.zero.GatheredParameters(params):
+            state = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        return state, numel
+    # FSDP: the sharded parameters add up to the model over the ranks
+    numel = torch.tensor(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    dist.all_reduce(numel)
+    if not gather:
+        return None, int(numel.item())
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        state = model.state_dict()
+    return state, int(numel.item())
 
 
 def free_port() -> int:
@@ -118,7 +149,8 @@ def launch(args, strategy: str, results: str) -> list[dict]:
     env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), WORLD_SIZE=str(args.world_size),
                OMP_NUM_THREADS='1', PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
     argv = [sys.executable, osp.abspath(__file__), '--worker', '--strategy', strategy, '--results', results,
-            '--preset', args.preset, '--checkpoint', args.checkpoint]
+            '--preset', args.preset, '--engine', args.engine]
+    argv += ['--random-init'] if args.random_init else ['--checkpoint', args.checkpoint]
     for flag in ('depth', 'img_size', 'config', 'save_states'):
         if getattr(args, flag):
             argv += ['--' + flag.replace('_', '-'), str(getattr(args, flag))]
@@ -157,7 +189,9 @@ def main(argv=None):
     p.add_argument('--config', help='build this config\'s model (segmentor) around the backbone')
     p.add_argument('--checkpoint', help='backbone checkpoint (default: a random one written to a temporary dir)')
     p.add_argument('--checkpoint-dtype', default='bfloat16', help='dtype of the written checkpoint (published: bf16)')
-    p.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument('--engine', choices=list(STRATEGIES), default='fsdp', help='FSDP or DeepSpeed ZeRO-3')
+    p.add_argument('--strategies', nargs='+', default=['today', 'sharded'], choices=['today', 'sharded'])
+    p.add_argument('--random-init', action='store_true', help='no pretrained checkpoint: random initialisation')
     p.add_argument('--world-size', type=int, default=2)
     p.add_argument('--save-states', help='write each strategy\'s full state dict after wrapping here')
     p.add_argument('--timeout', type=int, default=1800)
@@ -169,14 +203,15 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory(prefix='startup_') as tmp:
-        if not args.checkpoint:
+        if not args.checkpoint and not args.random_init:
             args.checkpoint = osp.join(tmp, 'backbone.safetensors')
             write_checkpoint(args, args.checkpoint)
         rows = [row for strategy in args.strategies for row in launch(args, strategy, tmp)]
     what = args.preset + (f' depth {args.depth}' if args.depth else '') + (' + ' + osp.basename(args.config)
                                                                            if args.config else '')
-    print(f'FSDP start-up, {what}, {args.world_size} gloo ranks on the CPU ({os.cpu_count()} cores), model fp32 '
-          f'{rows[0]["model_fp32_bytes"] / GiB:.2f} GiB, checkpoint {args.checkpoint_dtype}')
+    source = 'random initialisation' if args.random_init else f'checkpoint {args.checkpoint_dtype}'
+    print(f'{args.engine} start-up, {what}, {args.world_size} gloo ranks on the CPU ({os.cpu_count()} cores), model '
+          f'fp32 {rows[0]["model_fp32_bytes"] / GiB:.2f} GiB, {source}')
     print('| strategy | rank | peak RSS increase GiB | x fp32 model | seconds |')
     print('|---|---|---|---|---|')
     for r in rows:

@@ -21,7 +21,7 @@ optim_wrapper = dict(
     constructor='InternViTLayerDecayOptimizerConstructor', paramwise_cfg=dict(layer_decay_rate=0.95))
 runner_type = 'FlexibleRunner'
 strategy = dict(
-    type='DeepSpeedStrategy',
+    type='InternViTDeepSpeedStrategy',  # ZeRO-3 with the backbone partitioned at start-up (bounded host memory)
     zero_optimization=dict(stage=3, overlap_comm=True, contiguous_gradients=True,
                            stage3_gather_16bit_weights_on_model_save=True),
     bf16=dict(enabled=True),
