@@ -14,6 +14,8 @@ from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
 from mmengine.registry import PARAM_SCHEDULERS
 
+from mm_adapter.schedule_resume import ConfigShapedResumeMixin
+
 
 def timm_cosine_value(t: int, base: float, t_initial: int, warmup_t: int, warmup_lr_init: float = 0.0,
                       lr_min: float = 0.0) -> float:
@@ -25,14 +27,16 @@ def timm_cosine_value(t: int, base: float, t_initial: int, warmup_t: int, warmup
     return lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * t / t_initial))
 
 
-class TimmCosineParamScheduler(_ParamScheduler):
+class TimmCosineParamScheduler(ConfigShapedResumeMixin, _ParamScheduler):
     """Per-iteration cosine with linear warm-up, as the published trainer drove timm's ``CosineLRScheduler``.
 
     Args:
         t_initial / warmup_t: total and warm-up length, in epochs when ``by_epoch=True`` (converted to iterations
             with ``convert_to_iter_based=True``, the intended use), else in iterations.
         warmup_lr_init / lr_min: absolute learning rates (0 in the published recipe).
-    Every parameter group follows from its own initial lr (the sweep's heads each have theirs).
+    Every parameter group follows from its own initial lr (the sweep's heads each have theirs). On resume the
+    config owns the curve and the checkpoint the position (``mm_adapter.schedule_resume``), like timm's scheduler,
+    whose value is a function of the global iteration.
     """
 
     def __init__(self, optimizer, param_name: str, t_initial: float, warmup_t: float = 0,
@@ -54,22 +58,6 @@ class TimmCosineParamScheduler(_ParamScheduler):
         return cls(*args, t_initial=t_initial * epoch_length, warmup_t=warmup_t * epoch_length,
                    begin=int(begin * epoch_length), end=end if end == INF else int(end * epoch_length),
                    by_epoch=False, **kwargs)
-
-    # The curve is set by the config: on resume its shape and extent (``end`` follows train_cfg.max_epochs, e.g. a
-    # run resumed to train longer) must not be replaced by the interrupted run's. Like timm's scheduler, whose
-    # value is a function of the global iteration, only the position is state.
-    _CONFIG_KEYS = ('param_name', 'begin', 'end', 'by_epoch', 't_initial', 'warmup_t', 'warmup_lr_init', 'lr_min')
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._CONFIG_KEYS})
-        if self._global_step < self.begin:
-            return  # not started yet: the checkpoint's values are this scheduler's start values
-        # Where step() would have left it under this config (it stops counting at `end`), and the lr it would
-        # have set: an interrupted run that ended at its own `end` did not apply its last step.
-        self.last_step = min(self._global_step, self.end - 1) - self.begin
-        self._last_value = self._get_value()
-        for group, value in zip(self.optimizer.param_groups, self._last_value):
-            group[self.param_name] = value
 
     def _get_value(self):
         # last_step s is the iteration about to run; the published loop ran it at timm's value for t = s - 1.

@@ -9,7 +9,8 @@
   published segmentor layout (``mm_adapter.strict_loading``; ``allow_partial_load=True`` in the config for a
   deliberate partial load);
 - the checkpoint hook deletes outdated checkpoints only after the new one is complete, and checkpoints hold the
-  random states for an exact resume (``mm_adapter.run_safety``).
+  random states for an exact resume (``mm_adapter.run_safety``); a resume keeps the config's parameter schedules
+  and takes only their position from the checkpoint (``mm_adapter.schedule_resume``).
 """
 from __future__ import annotations
 
@@ -232,6 +233,8 @@ def init_distributed_without_cuda(launcher: str) -> None:
 
 
 def build_runner(cfg: Config):
+    from .run_safety import install_exact_resume
+    from .schedule_resume import install_config_shaped_resume
     from .strict_loading import install_strict_loading, registered_converters
     install_atomic_local_backend()  # this run's checkpoints and last_checkpoint pointer are written atomically
     if 'runner_type' in cfg:
@@ -242,6 +245,8 @@ def build_runner(cfg: Config):
         runner = Runner.from_cfg(cfg)
     install_strict_loading(runner, allow_partial=bool(cfg.get('allow_partial_load', False)),
                            convert=registered_converters)
+    install_config_shaped_resume(runner)  # --resume: the config's schedules, the checkpoint's position
+    install_exact_resume(runner)  # every rank's random states in every checkpoint, under every strategy
     return runner
 
 

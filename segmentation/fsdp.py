@@ -19,7 +19,8 @@ each unit's tensors without writing them (``param_init_fn``), makes the unit's f
 would otherwise concatenate the whole unit, writing it all) and keeps this rank's shard; then each rank writes only
 the elements of its shard, read from the memory-mapped ``pretrained`` checkpoint or from the replayed random
 initialisation. A rank so holds its shards plus one parameter's read, never a whole unit. Neck and heads are built
-and initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up.
+and initialised as before (rank 0's broadcast), so the weights are those of an ordinary start-up. It also resumes
+(``--resume``), which MMEngine 0.10.7's ``FSDPStrategy`` cannot with current torch (see ``load_optim_state_dict``).
 """
 from __future__ import annotations
 
@@ -162,3 +163,18 @@ class InternViTFSDPStrategy(DeferredBackboneStrategy, FSDPStrategy):
     """``FSDPStrategy`` whose InternViT backbones start on the meta device, each rank writing only its shards while
     ``InternViTBlockFSDP`` wraps them (see the module docstring and ``segmentation.sharded_startup``). Same arguments
     as ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP``."""
+
+    def optim_state_dict(self) -> dict:
+        state = super().optim_state_dict()
+        if getattr(self.optim_wrapper, 'base_param_settings', None) is not None:  # the wrapper's own; FSDP drops it
+            state['base_param_settings'] = self.optim_wrapper.base_param_settings
+        return state
+
+    def load_optim_state_dict(self, state_dict: dict) -> None:
+        # --resume: MMEngine 0.10.7 passes FSDP.optim_state_dict_to_load the arguments of torch < 2.0, in another
+        # order, and fails (TypeError: unhashable type: 'dict').
+        base_param_settings = state_dict.pop('base_param_settings', None)
+        self.optim_wrapper.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(
+            self.model, self.optim_wrapper.optimizer, state_dict))
+        if base_param_settings is not None:
+            self.optim_wrapper.base_param_settings = base_param_settings

@@ -14,6 +14,8 @@ from __future__ import annotations
 from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
 
+from mm_adapter.schedule_resume import ConfigShapedResumeMixin
+
 from ._registry import register_everywhere
 
 
@@ -27,7 +29,7 @@ def mmcv_poly_warmup_factor(t: int, max_iters: int, power: float = 1.0, warmup_i
 
 
 @register_everywhere('PARAM_SCHEDULERS')
-class PolyLRWithLinearWarmup(LRSchedulerMixin, _ParamScheduler):
+class PolyLRWithLinearWarmup(LRSchedulerMixin, ConfigShapedResumeMixin, _ParamScheduler):
     """mmcv 1.x ``lr_config=dict(policy='poly', warmup='linear', ...)`` (see the module docstring).
 
     Args:

@@ -30,3 +30,13 @@ def data_root(request, tmp_path_factory):
     shape = {'num_train': 8, 'num_val': 2, 'size': 112, **getattr(request.module, 'TINY_DATASET', {})}
     return make_tiny_dataset(str(tmp_path_factory.mktemp(request.module.__name__.rpartition('.')[2]) / 'synth'),
                              **shape)
+
+
+@pytest.fixture
+def restore_loaders():
+    """MMEngine's checkpoint loader schemes put back after the test (``mm_adapter.compat.trust_checkpoints_in``
+    replaces them); yields ``CheckpointLoader``."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    saved = CheckpointLoader._schemes.copy()
+    yield CheckpointLoader
+    CheckpointLoader._schemes = saved

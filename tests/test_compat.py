@@ -147,13 +147,6 @@ def test_placeholders_raise_when_used_not_when_imported():
 # trust_checkpoints_in
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def restore_loaders():
-    from mmengine.runner.checkpoint import CheckpointLoader
-    saved = CheckpointLoader._schemes.copy()
-    yield CheckpointLoader
-    CheckpointLoader._schemes = saved
-
 
 class _ToyModel:
     """Built lazily so that importing this test module does not import mmengine.model."""

@@ -70,6 +70,32 @@ def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(data_root, tmp
     assert not osp.exists(work_dir / LOCK_NAME)  # released at the end
 
 
+def test_a_failed_write_of_a_new_best_checkpoint_keeps_the_previous_best(data_root, tmp_path, monkeypatch):
+    from mmengine.hooks import CheckpointHook
+    work_dir = tmp_path / 'run'
+    monkeypatch.setitem(CheckpointHook.rule_map, 'greater', lambda new, best: True)  # every evaluation is a new best
+    real_put = AtomicLocalBackend.put
+
+    def killed_writing_best_2(self, obj, filepath):
+        if str(filepath).endswith('best_mIoU_iter_2.pth'):
+            raise KeyboardInterrupt('killed while writing')
+        return real_put(self, obj, filepath)
+
+    best = {'default_hooks.checkpoint.save_best': 'mIoU', 'train_cfg.val_interval': 1}
+    monkeypatch.setattr(AtomicLocalBackend, 'put', killed_writing_best_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_root, work_dir, 3, **best)
+    monkeypatch.setattr(AtomicLocalBackend, 'put', real_put)
+    assert sorted(f for f in os.listdir(work_dir) if f.startswith('best_')) == ['best_mIoU_iter_1.pth']
+
+    runner = train(data_root, work_dir, 3, '--resume', **best)
+    assert runner.iter == 3
+    # the previous best removed only once the new one was written; the run's last checkpoint names the new one
+    assert sorted(f for f in os.listdir(work_dir) if f.startswith('best_')) == ['best_mIoU_iter_3.pth']
+    last = torch.load(pointer(work_dir), map_location='cpu', weights_only=False)
+    assert last['message_hub']['runtime_info']['best_ckpt'] == str(work_dir / 'best_mIoU_iter_3.pth')
+
+
 # ------------------------------------------------------------------------------------------------- item 3
 @pytest.fixture
 def other_process():
@@ -193,13 +219,36 @@ def test_resume_with_another_model_names_the_differing_tensors(data_root, tmp_pa
 
 
 def test_config_mistakes_stop_the_run_before_training(data_root, tmp_path):
-    with pytest.raises(TypeError, match=r'default_hooks.checkpoint: unknown argument\(s\) intervall; '
-                                        r'CheckpointHook takes'):
+    with pytest.raises(ValueError, match=r"--cfg-options: default_hooks.checkpoint.intervall=1: "
+                                         r"default_hooks.checkpoint \(CheckpointHook\) takes no argument 'intervall'; "
+                                         r"did you mean 'interval'\?"):
         train(data_root, tmp_path / 'a', 1, **{'default_hooks.checkpoint.intervall': 1})
-    assert not osp.exists(tmp_path / 'a' / 'last_checkpoint')
+    assert not osp.exists(tmp_path / 'a')  # refused before anything was written
+    with pytest.raises(ValueError, match=r"model.backbone.nonexistent_key=3: model.backbone \(InternViT\) takes no "
+                                         r"argument 'nonexistent_key'; it takes attn_impl, .*depth"):
+        train(data_root, tmp_path / 'a', 1, **{'model.backbone.nonexistent_key': 3})
+    with pytest.raises(ValueError, match=r"train_cfg.max_iter=1: train_cfg \(IterBasedTrainLoop\) takes no argument "
+                                         r"'max_iter'; did you mean 'max_iters'\?"):
+        train(data_root, tmp_path / 'a', 1, **{'train_cfg.max_iter': 1})
     with pytest.raises(ValueError, match=r"--cfg-options: max_iters=5: 'max_iters' is not read by the runner; .* "
                                          r'\(set train_cfg.max_iters'):
         train(data_root, tmp_path / 'b', 1, **{'max_iters': 5})
+    # the same typo in a config file: the hook refuses it when built, before training
+    with pytest.raises(TypeError, match=r'default_hooks.checkpoint: unknown argument\(s\) intervall; '
+                                        r'CheckpointHook takes'):
+        run_safety.SafeCheckpointHook(interval=1, intervall=1)
+
+
+def test_cfg_options_check_accepts_what_is_read(data_root):
+    from mmengine.config import Config
+    cfg = Config.fromfile(QUICKSTART_CONFIG)
+    run_safety.check_cfg_options(cfg, {  # existing keys, new keys a type takes, a type set with its arguments
+        'train_cfg.max_iters': 5, 'model.backbone.depth': 2, 'default_hooks.checkpoint.out_dir': '/tmp/x',
+        'param_scheduler.1.end': 8, 'optim_wrapper.optimizer.eps': 1e-6, 'model.decode_head.anything': 1,
+        'model.neck.type': 'Feature2Pyramid', 'model.neck.rescales': [4, 2, 1, 0.5]})
+    with pytest.raises(ValueError, match=r"param_scheduler.1.ends=8: param_scheduler.1 \(PolyLR\) takes no "
+                                         r"argument 'ends'; did you mean 'end'\?"):
+        run_safety.check_cfg_options(cfg, {'param_scheduler.1.ends': 8})
 
 
 def test_test_tool_says_a_directory_is_a_directory(tmp_path):
