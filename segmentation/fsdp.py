@@ -29,6 +29,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.distributed.fsdp._optim_utils as fsdp_optim_utils
 from mmengine._strategy import FSDPStrategy
 from mmengine.logging import print_log
 from mmengine.model.wrappers import MMFullyShardedDataParallel
@@ -158,6 +159,31 @@ class InternViTBlockFSDP(MMFullyShardedDataParallel):
         print_log('InternViTBlockFSDP: activation checkpointing inside every block unit', logger='current')
 
 
+@contextlib.contextmanager
+def _gathered_optimizer_states_copied():
+    """torch 2.14, CPU only: FSDP's full optimizer state dict gathers each state (exp_avg, then exp_avg_sq) into one
+    reused buffer and keeps views of it; on a GPU the offload to the CPU copies them, on the CPU nothing does, so every
+    saved state would hold the last one gathered (Adam's first moments = its second moments) and a resumed run would
+    continue from wrong moments. Copy CPU states before they are unflattened, as the GPU path does."""
+    unflatten = getattr(fsdp_optim_utils, '_unflatten_orig_param_states', None)
+    if unflatten is None:  # another torch: its own code path, nothing to mend here
+        yield
+        return
+
+    def unflatten_copies(fsdp_param_info, output_states, state_name, *args, **kwargs):
+        for states in output_states.values():
+            value = states.get(state_name)
+            if isinstance(value, torch.Tensor) and value.device.type == 'cpu':
+                states[state_name] = value.clone()
+        return unflatten(fsdp_param_info, output_states, state_name, *args, **kwargs)
+
+    fsdp_optim_utils._unflatten_orig_param_states = unflatten_copies
+    try:
+        yield
+    finally:
+        fsdp_optim_utils._unflatten_orig_param_states = unflatten
+
+
 @STRATEGIES.register_module(force=True)
 class InternViTFSDPStrategy(DeferredBackboneStrategy, FSDPStrategy):
     """``FSDPStrategy`` whose InternViT backbones start on the meta device, each rank writing only its shards while
@@ -165,7 +191,8 @@ class InternViTFSDPStrategy(DeferredBackboneStrategy, FSDPStrategy):
     as ``FSDPStrategy``; the model wrapper must be ``InternViTBlockFSDP``."""
 
     def optim_state_dict(self) -> dict:
-        state = super().optim_state_dict()
+        with _gathered_optimizer_states_copied():
+            state = super().optim_state_dict()
         if getattr(self.optim_wrapper, 'base_param_settings', None) is not None:  # the wrapper's own; FSDP drops it
             state['base_param_settings'] = self.optim_wrapper.base_param_settings
         return state

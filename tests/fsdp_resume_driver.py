@@ -14,25 +14,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.distributed.fsdp._optim_utils as fsdp_optim_utils  # noqa: E402
 
 from segmentation.testing import as_cli, tiny_run_options  # noqa: E402
-
-# A torch 2.14 bug that only CPU runs meet: FSDP's full optimizer state dict gathers each state (exp_avg, then
-# exp_avg_sq) into one reused buffer and keeps views of it; on a GPU the offload to the CPU copies them, on the CPU
-# it does not, so every saved state holds the last one gathered (Adam's first moments = its second moments). This
-# copies them as the GPU path does. Without it the resumed run of this test ends 1.9e-4 from the uninterrupted one.
-_unflatten = fsdp_optim_utils._unflatten_orig_param_states
-
-
-def _unflatten_copies(fsdp_param_info, output_states, state_name, *args, **kwargs):
-    for states in output_states.values():
-        if isinstance(states.get(state_name), torch.Tensor):
-            states[state_name] = states[state_name].clone()
-    return _unflatten(fsdp_param_info, output_states, state_name, *args, **kwargs)
-
-
-fsdp_optim_utils._unflatten_orig_param_states = _unflatten_copies
 
 config, tmp, data_root = sys.argv[1:4]
 main = runpy.run_path(osp.join(ROOT, 'tools', 'train.py'), run_name='tools_train')['main']
