@@ -418,8 +418,8 @@ def install_exact_resume(runner) -> None:
 
     runner.save_checkpoint = save_with_states
     strategy = getattr(runner, 'strategy', None)
-    if type(strategy).__name__ != 'DeepSpeedStrategy':
-        return
+    if not any(cls.__name__ == 'DeepSpeedStrategy' for cls in type(strategy).__mro__):  # subclasses too
+        return  # (by name: importing MMEngine's DeepSpeedStrategy would import deepspeed)
     strategy_save, strategy_resume = strategy.save_checkpoint, strategy.resume
 
     def save_deepspeed(filename, *, extra_ckpt=None, **kwargs):

@@ -36,7 +36,6 @@ optim_wrapper = dict(_delete_=True, type='DeepSpeedOptimWrapper',
 strategy = dict(type='InternViTDeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
                 zero_optimization=dict(stage=3, stage3_gather_16bit_weights_on_model_save=True))
 custom_hooks = [dict(type='FinalWeightsHook')]
-default_hooks = dict(checkpoint=dict(save_best=None))  # as the DeepSpeed config: see there
 '''
 
 

@@ -58,7 +58,7 @@ runner_type = 'FlexibleRunner'
 optim_wrapper = dict(_delete_=True, type='DeepSpeedOptimWrapper',
                      optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
                      constructor='InternViTLayerDecayOptimizerConstructor', paramwise_cfg=dict(layer_decay_rate=0.9))
-strategy = dict(type='DeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
+strategy = dict(type='InternViTDeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
                 zero_optimization=dict(stage=3, stage3_gather_16bit_weights_on_model_save=True))
 custom_hooks = [dict(type='FinalWeightsHook')]
 '''

@@ -1,8 +1,9 @@
 # Full tuning of InternViT-6B + UperNet with DeepSpeed ZeRO-3 instead of FSDP (needs `pip install deepspeed`).
 # DeepSpeed's bf16 mode runs the whole model (heads too) in bf16 with fp32 master weights in the optimizer.
 #   bash tools/dist_train.sh configs/segmentation/internvit_6b_upernet_full_ade20k_504_80k_deepspeed.py 8
-# Checkpoints: the regular ones (`iter_N.pth/`, every 8k iterations) are DeepSpeed folders (ZeRO-3 shards with the
-# optimizer state) for `--resume`; tools/export_to_chat.py and tools/test.py cannot read them. At the end of training
+# Checkpoints: the regular ones (`iter_N.pth/`, every 1000 iterations, the last two kept) and the best evaluation's
+# (`best_mIoU_iter_N.pth/`, the published save_best) are DeepSpeed folders (ZeRO-3 shards with the optimizer state)
+# for `--resume`; tools/export_to_chat.py and tools/test.py cannot read them. At the end of training
 # FinalWeightsHook also writes `weights_iter_80000.pth`, an ordinary MMEngine checkpoint of the whole model in bf16
 # (MMEngine's DeepSpeedStrategy saves without optimizer state as a plain file, gathering the ZeRO-3 partitions; this
 # needs stage3_gather_16bit_weights_on_model_save=True below):
@@ -28,6 +29,3 @@ strategy = dict(
     train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
     inputs_to_half=['inputs'])  # images enter the bf16 model in bf16
 custom_hooks = [dict(type='FinalWeightsHook')]
-# No save_best under DeepSpeed: with it, a resume from the regular iter_N.pth/ folder restarted one iteration late
-# (its stored meta said N+1; seen in tests/test_deepspeed.py, cause not traced yet).
-default_hooks = dict(checkpoint=dict(save_best=None))  # exportable weights_iter_80000.pth at the end (see above)
