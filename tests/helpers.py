@@ -20,6 +20,23 @@ def randomized(preset='internvit_tiny', seed=0, **overrides):
     return model
 
 
+def toy_regression_model():
+    """A one-layer MMEngine model (squared error) for runner mechanics; mmengine.model imported only when called."""
+    from mmengine.model import BaseModel
+    from torch import nn
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 1)
+
+        def forward(self, inputs, targets, mode='tensor'):
+            pred = self.linear(inputs)
+            return dict(loss=((pred - targets) ** 2).mean()) if mode == 'loss' else pred
+
+    return Toy()
+
+
 def tiny_probe(seed=0, num_classes=4, backbone=TINY_BACKBONE, **kwargs):
     """A ``LinearProbe`` on the frozen tiny backbone, seeded."""
     from classification import LinearProbe

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from mm_adapter import compat
+
+from helpers import toy_regression_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,27 +149,6 @@ def test_placeholders_raise_when_used_not_when_imported():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _ToyModel:
-    """Built lazily so that importing this test module does not import mmengine.model."""
-
-    @staticmethod
-    def build():
-        from mmengine.model import BaseModel
-
-        class Toy(BaseModel):
-            def __init__(self):
-                super().__init__()
-                self.linear = nn.Linear(4, 1)
-
-            def forward(self, inputs, targets, mode='tensor'):
-                pred = self.linear(inputs)
-                if mode == 'loss':
-                    return dict(loss=((pred - targets) ** 2).mean())
-                return pred
-
-        return Toy()
-
-
 def _toy_loader():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=g)
@@ -179,7 +159,7 @@ def _toy_loader():
 def _runner(work_dir, max_iters, name, resume=False, hooks=()):
     from mmengine.runner import Runner
     return Runner(
-        model=_ToyModel.build(), work_dir=str(work_dir), experiment_name=name,
+        model=toy_regression_model(), work_dir=str(work_dir), experiment_name=name,
         train_dataloader=_toy_loader(), train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),

@@ -53,17 +53,6 @@ def test_fsdp_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path): 
     assert 'tensors have another shape: auxiliary_head.' in log
 
 
-DEEPSPEED = '''
-runner_type = 'FlexibleRunner'
-optim_wrapper = dict(_delete_=True, type='DeepSpeedOptimWrapper',
-                     optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
-                     constructor='InternViTLayerDecayOptimizerConstructor', paramwise_cfg=dict(layer_decay_rate=0.9))
-strategy = dict(type='InternViTDeepSpeedStrategy', train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
-                zero_optimization=dict(stage=3, stage3_gather_16bit_weights_on_model_save=True))
-custom_hooks = [dict(type='FinalWeightsHook')]
-'''
-
-
 def test_deepspeed_resume_continues_the_random_streams_of_every_rank(data_root, tmp_path):
     """ZeRO-3, 2 gloo processes, one launch per run (DeepSpeed keeps process-wide state): the quick-start config with
     its random augmentation, dropout and save_best, resumed from DeepSpeed's own iter_2.pth/ folder. DeepSpeed on the
@@ -71,7 +60,7 @@ def test_deepspeed_resume_continues_the_random_streams_of_every_rank(data_root, 
     weights are not compared; every rank's random streams at the end must equal the uninterrupted run's (with the
     seed's streams, or rank 0's on both ranks, they do not)."""
     pytest.importorskip('deepspeed')
-    from test_deepspeed import dist_train
+    from test_deepspeed import DEEPSPEED, dist_train
 
     from segmentation.testing import tiny_run_options
     config = tmp_path / 'deepspeed.py'

@@ -3,26 +3,12 @@ it continues the curve an uninterrupted run of the longer config follows, for MM
 project's closed-form ones alike. A toy model on a plain MMEngine Runner, a few iterations."""
 import pytest
 import torch
-from torch import nn
 
 import segmentation  # noqa: F401  (registers PolyLRWithLinearWarmup)
 from mm_adapter import compat
 from mm_adapter.schedule_resume import install_config_shaped_resume
 
-
-def toy_model():
-    from mmengine.model import BaseModel
-
-    class Toy(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 1)
-
-        def forward(self, inputs, targets, mode='tensor'):
-            pred = self.linear(inputs)
-            return dict(loss=((pred - targets) ** 2).mean()) if mode == 'loss' else pred
-
-    return Toy()
+from helpers import toy_regression_model
 
 
 def toy_loader():
@@ -52,7 +38,7 @@ def run(work_dir, schedule, iters, resume=False):
             self.lrs[runner.iter] = runner.optim_wrapper.get_lr()['lr'][0]
 
     record = RecordLr()
-    runner = Runner(model=toy_model(), work_dir=str(work_dir), train_dataloader=toy_loader(),
+    runner = Runner(model=toy_regression_model(), work_dir=str(work_dir), train_dataloader=toy_loader(),
                     train_cfg=dict(by_epoch=False, max_iters=iters),
                     optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)), param_scheduler=schedule(iters),
                     default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=iters, by_epoch=False)),
