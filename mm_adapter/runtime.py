@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import os.path as osp
 from typing import Any, Optional
@@ -129,6 +130,7 @@ def adapt_to_cpu(cfg: Config) -> None:
         backbone['dtype'] = None
     if _strategy_type(cfg) in ('DeepSpeedStrategy', 'InternViTDeepSpeedStrategy'):
         skip_deepspeed_shm_comm_op()
+        gather_zero3_parameters_one_by_one(cfg.strategy)
     if cfg.get('launcher', 'none') != 'none':
         env = cfg.setdefault('env_cfg', {})
         env.setdefault('dist_cfg', {})['backend'] = 'gloo'
@@ -154,6 +156,28 @@ def skip_deepspeed_shm_comm_op() -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     _note('No CUDA: DeepSpeed shared-memory comm op not built (torch.distributed gloo collectives instead)')
+
+
+def gather_zero3_parameters_one_by_one(strategy: dict) -> None:
+    """ZeRO-3 on the CPU: ``zero_optimization.stage3_allgather_sequential=True`` in a DeepSpeed strategy's config
+    (kept if the config sets it). DeepSpeed 0.19's blocking gather of several parameters at once
+    (``Init._allgather_params_coalesced``: persistent parameters after a checkpoint load or save, the consolidated
+    weights file) waits on its last collective only, enough where collectives finish in order on one CUDA stream;
+    gloo finishes them on a pool of threads, so the other parameters could be read before they arrived (seen: a
+    resumed run trained on, and saved, uninitialised values such as 7e24). The sequential gather waits on each."""
+    holders = [strategy, strategy.get('config')]
+    zero = next((h['zero_optimization'] for h in holders
+                 if isinstance(h, dict) and isinstance(h.get('zero_optimization'), dict)), None)
+    if zero is None or zero.get('stage') != 3:
+        return
+    if 'stage3_allgather_sequential' not in zero:
+        zero['stage3_allgather_sequential'] = True
+        _note('No CUDA: DeepSpeed ZeRO-3 gathers parameters one at a time (stage3_allgather_sequential=True; its '
+              'gather of several at once can read them before gloo delivers them)')
+    elif not zero['stage3_allgather_sequential']:
+        print_log('stage3_allgather_sequential=False on the CPU: DeepSpeed 0.19 may read parameters gathered '
+                  'with gloo before they arrive (see mm_adapter.runtime.gather_zero3_parameters_one_by_one)',
+                  logger='current', level=logging.WARNING)
 
 
 def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None, launcher: str = 'none',

@@ -83,9 +83,11 @@ def worker(args) -> None:
     if args.engine == 'fsdp':
         engine = dict(model_wrapper=dict(type='InternViTBlockFSDP', block_param_dtype='bfloat16'))
     else:
-        from mm_adapter.runtime import skip_deepspeed_shm_comm_op
-        skip_deepspeed_shm_comm_op()
         engine = dict(zero_optimization=dict(stage=3), train_micro_batch_size_per_gpu=1)
+        if not torch.cuda.is_available():
+            from mm_adapter.runtime import gather_zero3_parameters_one_by_one, skip_deepspeed_shm_comm_op
+            skip_deepspeed_shm_comm_op()
+            gather_zero3_parameters_one_by_one(engine)
     with tempfile.TemporaryDirectory() as work_dir:
         strategy = REGISTRY.build(dict(
             type=STRATEGIES[args.engine][args.strategy], work_dir=work_dir, env_kwargs=dict(launcher='pytorch'),
