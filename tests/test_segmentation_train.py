@@ -150,3 +150,26 @@ def test_frozen_backbone_gets_no_gradients_and_stays_bit_identical(data_root, tm
     sum(v for k, v in losses.items() if 'loss' in k).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.decode_head.parameters() if p.requires_grad)
+
+
+def test_config_formatting_is_memoised_without_changing_it(monkeypatch):
+    """build_runner memoises yapf's formatting of the config (the runner formats it for the log, the dump and every
+    checkpoint's meta): the same text, formatted once; a changed config is formatted anew."""
+    import mmengine.config.config as config_module
+
+    from mm_adapter.runtime import cache_config_formatting
+    formatted = []
+    original = config_module.FormatCode
+
+    def counting(text, **kwargs):
+        formatted.append(text)
+        return original(text, **kwargs)
+
+    monkeypatch.setattr(config_module, 'FormatCode', counting)  # restored after the test, memoised or not
+    cfg = Config.fromfile(QUICKSTART_CONFIG)
+    plain = cfg.pretty_text
+    cache_config_formatting()
+    assert cfg.pretty_text == plain and cfg.pretty_text == plain
+    assert len(formatted) == 2  # before memoising, then once for both calls
+    cfg.merge_from_dict({'train_cfg.max_iters': 7})
+    assert 'max_iters=7' in cfg.pretty_text and len(formatted) == 3
