@@ -129,8 +129,7 @@ def adapt_to_cpu(cfg: Config) -> None:
         _note(f'No CUDA: {path}.dtype {backbone["dtype"]} -> float32 (plain fp32 on the CPU)')
         backbone['dtype'] = None
     if _strategy_type(cfg) in ('DeepSpeedStrategy', 'InternViTDeepSpeedStrategy'):
-        skip_deepspeed_shm_comm_op()
-        gather_zero3_parameters_one_by_one(cfg.strategy)
+        adapt_deepspeed_to_cpu(cfg.strategy)
     if cfg.get('launcher', 'none') != 'none':
         env = cfg.setdefault('env_cfg', {})
         env.setdefault('dist_cfg', {})['backend'] = 'gloo'
@@ -146,6 +145,12 @@ def adapt_to_cpu(cfg: Config) -> None:
         if cfg.get('sync_bn'):
             _note('No CUDA: sync_bn disabled (SyncBatchNorm needs GPUs)')
             cfg.sync_bn = None
+
+
+def adapt_deepspeed_to_cpu(strategy: dict) -> None:
+    """A DeepSpeed strategy's config (``strategy``, changed in place) and DeepSpeed itself made to run on the CPU."""
+    skip_deepspeed_shm_comm_op()
+    gather_zero3_parameters_one_by_one(strategy)
 
 
 def skip_deepspeed_shm_comm_op() -> None:

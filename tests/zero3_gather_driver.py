@@ -1,7 +1,7 @@
 """Run under torchrun (2 CPU processes, gloo) by tests/test_deepspeed.py: a ZeRO-3 engine configured as
-``mm_adapter.runtime.adapt_to_cpu`` configures one, whose modules each hold several partitioned parameters (large
-first: their gathers finish last), consolidated into a weights file's state dict ROUNDS times. Prints how many
-consolidated tensors differ from the fp32 master weights.
+``mm_adapter.runtime.adapt_deepspeed_to_cpu`` configures one, whose modules each hold several partitioned
+parameters (large first: their gathers finish last), consolidated into a weights file's state dict ROUNDS times.
+Prints how many consolidated tensors differ from the fp32 master weights.
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port P tests/zero3_gather_driver.py ROUNDS
 """
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mm_adapter.runtime import gather_zero3_parameters_one_by_one, skip_deepspeed_shm_comm_op  # noqa: E402
+from mm_adapter.runtime import adapt_deepspeed_to_cpu  # noqa: E402
 
 
 class Block(nn.Module):
@@ -28,11 +28,10 @@ class Block(nn.Module):
 
 rounds = int(sys.argv[1])
 torch.manual_seed(0)
-skip_deepspeed_shm_comm_op()
 deepspeed.init_distributed('gloo')
 strategy = dict(zero_optimization=dict(stage=3, stage3_gather_16bit_weights_on_model_save=True,
                                        stage3_param_persistence_threshold=0))  # every parameter partitioned
-gather_zero3_parameters_one_by_one(strategy)
+adapt_deepspeed_to_cpu(strategy)  # as tools/train.py on the CPU
 model = nn.Sequential(*(Block() for _ in range(4)))
 # a torch optimizer, as MMEngine's DeepSpeedOptimWrapper passes one (DeepSpeed's own AdamW would JIT-build an op)
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),

@@ -85,9 +85,8 @@ def worker(args) -> None:
     else:
         engine = dict(zero_optimization=dict(stage=3), train_micro_batch_size_per_gpu=1)
         if not torch.cuda.is_available():
-            from mm_adapter.runtime import gather_zero3_parameters_one_by_one, skip_deepspeed_shm_comm_op
-            skip_deepspeed_shm_comm_op()
-            gather_zero3_parameters_one_by_one(engine)
+            from mm_adapter.runtime import adapt_deepspeed_to_cpu
+            adapt_deepspeed_to_cpu(engine)
     with tempfile.TemporaryDirectory() as work_dir:
         strategy = REGISTRY.build(dict(
             type=STRATEGIES[args.engine][args.strategy], work_dir=work_dir, env_kwargs=dict(launcher='pytorch'),
