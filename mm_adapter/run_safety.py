@@ -516,7 +516,7 @@ def check_cfg_options(cfg, options: Mapping[str, Any]) -> None:
             if problem:
                 unread.append(f'{key}={options[key]}: {problem}')
             continue
-        uses = sorted(_paths_ending_with(cfg.to_dict(), top.split('[')[0]))
+        uses = sorted(_paths_ending_with(original, top.split('[')[0]))
         hint = f' (set {" / ".join(uses[:4])} instead)' if uses else ''
         unread.append(f'{key}={options[key]}: {top!r} is not read by the runner; a config variable is copied '
                       f'where it is used when the file is read, so setting it now changes nothing{hint}')

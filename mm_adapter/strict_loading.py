@@ -65,6 +65,12 @@ def registered_converters(state_dict: StateDict, model: nn.Module) -> StateDict:
     return state_dict
 
 
+def init_cfg_loads_pretrained(init_cfg: Any) -> bool:
+    """Whether an MMEngine ``init_cfg`` (one dict or a list of them) loads a checkpoint (``type='Pretrained'``)."""
+    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    return any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in cfgs)
+
+
 class CheckpointMismatchError(WeightsError):
     """A checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)."""
 

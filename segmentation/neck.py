@@ -10,6 +10,8 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import nn
 
+from mm_adapter.strict_loading import init_cfg_loads_pretrained
+
 from ._registry import register_everywhere
 
 
@@ -82,7 +84,7 @@ class ViTFeaturePyramid(BaseModule):
 
     def init_weights(self):
         super().init_weights()
-        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+        if init_cfg_loads_pretrained(self.init_cfg):
             return  # loaded by super(): a fresh initialisation must not overwrite it
         for module in self.modules():
             if isinstance(module, nn.ConvTranspose2d):

@@ -25,6 +25,7 @@ from torch import nn
 
 from backbones.deferred_load import allocate, deferred_loading, pending_value, range_reader, written
 from backbones.internvit import InternViT
+from mm_adapter.strict_loading import init_cfg_loads_pretrained
 
 
 class DeferredBackboneStrategy:
@@ -68,8 +69,7 @@ def _refuse_init_cfg_over(model: nn.Module, backbone: str) -> None:
     for depth in range(len(parts)):
         name = '.'.join(parts[:depth])
         init_cfg = getattr(model.get_submodule(name), 'init_cfg', None)
-        cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
-        if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in cfgs):
+        if init_cfg_loads_pretrained(init_cfg):
             raise ValueError(f'{name or "the model"} has init_cfg={init_cfg}, which would load the backbone '
                              f'({backbone}) too; the sharded start-up builds the backbone on the meta device and '
                              f'does not run it. Give the backbone its weights with {backbone}.pretrained=PATH (and '
