@@ -578,9 +578,16 @@ def _next_in_mro(mixin: str):
     return keywords
 
 
+def _checkpoint_hook_keywords() -> set:
+    """CheckpointHook's own arguments and what it passes on: a subclass taking ``(*args, **kwargs)``
+    (SafeCheckpointHook) hands both to it."""
+    own = inspect.signature(CheckpointHook).parameters.values()
+    return {p.name for p in own if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} | checkpoint_hook_extra_arguments()
+
+
 # Types whose ``**kwargs`` go to something with a fixed list of arguments: type name -> what those are.
 _KEYWORDS_PASSED_ON = {'InternViT': _internvit_shape_fields,
-                       'CheckpointHook': lambda obj: checkpoint_hook_extra_arguments(),
+                       'CheckpointHook': lambda obj: _checkpoint_hook_keywords(),
                        'LRSchedulerMixin': _next_in_mro('LRSchedulerMixin'),
                        'MomentumSchedulerMixin': _next_in_mro('MomentumSchedulerMixin')}
 

@@ -249,6 +249,12 @@ def test_cfg_options_check_accepts_what_is_read(data_root):
     with pytest.raises(ValueError, match=r"param_scheduler.1.ends=8: param_scheduler.1 \(PolyLR\) takes no "
                                          r"argument 'ends'; did you mean 'end'\?"):
         run_safety.check_cfg_options(cfg, {'param_scheduler.1.ends': 8})
+    # the project's own checkpoint hook named in a config takes CheckpointHook's arguments (it passes them on)
+    cfg.default_hooks.checkpoint = dict(type='SafeCheckpointHook', interval=5)
+    run_safety.check_cfg_options(cfg, {'default_hooks.checkpoint.max_keep_ckpts': 2})
+    with pytest.raises(ValueError, match=r"default_hooks.checkpoint.max_keep_ckpt=2: .*SafeCheckpointHook.*"
+                                         r"did you mean 'max_keep_ckpts'"):
+        run_safety.check_cfg_options(cfg, {'default_hooks.checkpoint.max_keep_ckpt': 2})
 
 
 def test_test_tool_says_a_directory_is_a_directory(tmp_path):
